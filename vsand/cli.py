@@ -1,0 +1,82 @@
+"""The ``vsand`` command: run the daemon, check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import Config, ConfigError, default_config, load_config
+
+
+def _setup_logging(level: str) -> None:
+    # One line per event, no timestamps of our own when journald adds them.
+    import os
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
+                        stream=sys.stderr)
+
+
+def _how_to_connect(config: Config) -> str:
+    lines = ["vsand is serving:"]
+    for p in config.portals:
+        host = "127.0.0.1" if p.advertise_wildcard else p.advertise_host
+        hp = f"[{host}]" if ":" in host else host
+        for t in config.targets:
+            for lun in t.luns:
+                lines.append(f"  iscsi://{hp}:{p.advertise_port}/{t.iqn}/{lun.number}"
+                             f"   ({lun.size // (1 << 20) if lun.size else '?'} MiB, "
+                             f"{lun.path})")
+        lines.append("  open-iscsi:")
+        lines.append(f"    iscsiadm -m discovery -t sendtargets -p {hp}:{p.advertise_port}")
+        for t in config.targets:
+            lines.append(f"    iscsiadm -m node -T {t.iqn} -p {hp}:{p.advertise_port} --login")
+    lines.append("  quick check: iscsi-inq iscsi://%s:%d/%s/0" % (
+        "127.0.0.1" if config.portals[0].advertise_wildcard else config.portals[0].advertise_host,
+        config.portals[0].advertise_port, config.targets[0].iqn))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vsand", description="vsand storage target daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the daemon")
+    run_p.add_argument("-c", "--config", help="YAML config file (default: built-in single-node "
+                       "config serving ./vsand-data/lun0.img on 127.0.0.1:3260)")
+    run_p.add_argument("--data-dir", default="./vsand-data",
+                       help="data directory of the built-in config")
+    check_p = sub.add_parser("check-config", help="validate a config file and exit")
+    check_p.add_argument("file")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        try:
+            cfg = load_config(args.file)
+        except ConfigError as e:
+            for line in e.errors:
+                print(line, file=sys.stderr)
+            return 2
+        n = sum(len(t.luns) for t in cfg.targets)
+        print(f"{args.file}: OK ({len(cfg.targets)} target(s), {n} LUN(s), "
+              f"{len(cfg.portals)} portal(s))")
+        return 0
+
+    try:
+        cfg = load_config(args.config) if args.config else default_config(args.data_dir)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level)
+    print(_how_to_connect(cfg), file=sys.stderr, flush=True)
+    from .daemon import run
+    try:
+        return run(cfg)
+    except OSError as e:
+        logging.getLogger("vsand").error("cannot start: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

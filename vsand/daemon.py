@@ -1,0 +1,144 @@
+"""Wiring: from a Config to listening portals, and an orderly shutdown.
+
+Start-up opens (creating sparse files where needed) every LUN's backend before any portal
+listens, so an initiator never sees a target whose LUNs are half there.  Shutdown stops the
+listeners, lets commands in flight finish (bounded), then closes sessions and backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from .backends.file import FileBackend
+from .config import Config
+from .iscsi_conn import Connection
+from .lun import Lun
+from .protocol.iscsi.login import TargetOffer
+from .protocol.scsi.types import LunParams
+from .targets import Portal, TargetNode, TargetRegistry
+
+log = logging.getLogger("vsand")
+
+DRAIN_TIMEOUT = 10.0
+
+
+def naa_for_serial(serial: str) -> bytes:
+    """A 16-byte NAA IEEE Registered Extended designator derived from the LUN serial.
+
+    Deriving it from the serial, which is cluster-wide, gives every node the same identity
+    for the same LUN (multipath merges paths by this designator).
+    """
+    digest = hashlib.sha256(b"vsand-naa:" + serial.encode()).digest()
+    return bytes([0x60 | (digest[0] & 0x0F)]) + digest[1:16]
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry: TargetRegistry | None = None
+        self.servers: list[asyncio.base_events.Server] = []
+        self.backends: list[FileBackend] = []
+        self.executor = ThreadPoolExecutor(max_workers=config.io_threads,
+                                           thread_name_prefix="vsand-io")
+        self.stopped = asyncio.Event()
+
+    def _build_targets(self) -> list[TargetNode]:
+        nodes = []
+        for t in self.config.targets:
+            luns: dict[int, Lun] = {}
+            for lc in t.luns:
+                if lc.size and not os.path.exists(lc.path):
+                    FileBackend.create_sparse(lc.path, lc.size)
+                    log.info("created sparse file %s (%d bytes)", lc.path, lc.size)
+                elif lc.size and os.path.isfile(lc.path) and os.path.getsize(lc.path) < lc.size:
+                    FileBackend.create_sparse(lc.path, lc.size)
+                backend = FileBackend(lc.path, block_size=lc.block_size, size=lc.size or None,
+                                      read_only=lc.read_only, executor=self.executor)
+                backend.open()
+                self.backends.append(backend)
+                params = LunParams(block_size=lc.block_size, blocks=backend.size // lc.block_size,
+                                   serial=lc.serial, naa_id=naa_for_serial(lc.serial),
+                                   read_only=lc.read_only, write_cache=lc.write_cache,
+                                   thin=lc.thin and not backend.is_block_device,
+                                   target_name=t.iqn)
+                luns[lc.number] = Lun.from_params(lc.number, params, backend)
+                log.info("LUN %d of %s: %s, %d blocks of %d bytes%s", lc.number, t.iqn, lc.path,
+                         params.blocks, lc.block_size, " (read-only)" if lc.read_only else "")
+            nodes.append(TargetNode(t.iqn, t.alias, luns))
+        return nodes
+
+    async def start(self) -> None:
+        c = self.config
+        ic = c.iscsi
+        offer = TargetOffer(max_recv_data_segment_length=ic.max_recv_data_segment_length,
+                            first_burst_length=ic.first_burst_length,
+                            max_burst_length=ic.max_burst_length,
+                            immediate_data=ic.immediate_data, initial_r2t=ic.initial_r2t,
+                            max_outstanding_r2t=ic.max_outstanding_r2t)
+        portals = [Portal(p.listen_host, p.listen_port, p.advertise_host, p.advertise_port,
+                          p.group_tag) for p in c.portals]
+        self.registry = TargetRegistry(self._build_targets(), portals, offer,
+                                       window=ic.queue_depth, nop_interval=ic.nop_interval,
+                                       nop_timeout=ic.nop_timeout, login_timeout=ic.login_timeout)
+        loop = asyncio.get_running_loop()
+        registry = self.registry
+        for portal in portals:
+            server = await loop.create_server(lambda p=portal: Connection(registry, p),
+                                              portal.listen_host, portal.listen_port,
+                                              reuse_address=True)
+            self.servers.append(server)
+            log.info("listening on %s:%d (portal group %d)", portal.listen_host,
+                     portal.listen_port, portal.group_tag)
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        registry = self.registry
+        if registry is not None:
+            conns = list(registry.connections)
+            if conns:
+                try:
+                    await asyncio.wait_for(
+                        asyncio.gather(*(c.tasks.drain() for c in conns)), DRAIN_TIMEOUT)
+                except asyncio.TimeoutError:
+                    log.warning("commands still running after %.0f s; closing anyway",
+                                DRAIN_TIMEOUT)
+            for c in conns:
+                c.close()
+            await asyncio.sleep(0)
+        for server in self.servers:
+            await server.wait_closed()
+        for backend in self.backends:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, os.fsync,
+                                                                 backend.fileno())
+            except OSError as e:
+                log.warning("%s: fsync at shutdown failed: %s", backend.path, e)
+            backend.close()
+        self.executor.shutdown(wait=True)
+
+    async def serve_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        log.info("vsand ready")
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
+
+
+def run(config: Config) -> int:
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        runner = asyncio.run
+    runner(Daemon(config).serve_until_signalled())
+    return 0
