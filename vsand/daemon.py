@@ -14,8 +14,9 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
+from .admin import AdminServer
 from .backends.file import FileBackend
-from .config import Config
+from .config import Config, dump_config
 from .iscsi_conn import Connection
 from .lun import Lun
 from .protocol.iscsi.login import TargetOffer
@@ -45,7 +46,8 @@ class Daemon:
         self.backends: list[FileBackend] = []
         self.executor = ThreadPoolExecutor(max_workers=config.io_threads,
                                            thread_name_prefix="vsand-io")
-        self.stopped = asyncio.Event()
+        self.config_digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
+        self.admin = AdminServer(self, config.admin_socket)
 
     def _build_targets(self) -> list[TargetNode]:
         nodes = []
@@ -94,10 +96,15 @@ class Daemon:
             self.servers.append(server)
             log.info("listening on %s:%d (portal group %d)", portal.listen_host,
                      portal.listen_port, portal.group_tag)
+        try:
+            await self.admin.start()
+        except OSError as e:
+            log.warning("admin socket %s unavailable: %s", self.config.admin_socket, e)
 
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        await self.admin.stop()
         registry = self.registry
         if registry is not None:
             conns = list(registry.connections)

@@ -1,0 +1,138 @@
+"""The local admin API: one JSON request per line on a Unix socket, one JSON reply per line.
+
+The socket is created mode 0600 in a directory only root can enter by default, so only root
+(or the daemon's own user) can manage the daemon.  Requests: {"cmd": "status" | "sessions" |
+"luns"}.  Replies: {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("vsand.admin")
+MAX_REQUEST = 64 * 1024
+
+
+class AdminServer:
+    def __init__(self, daemon: Daemon, path: str) -> None:
+        self.daemon = daemon
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+        self.started = time.time()
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._client, self.path,
+                                                          limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(b'{"ok": false, "error": "request too long"}\n')
+                    break
+                if not line:
+                    break
+                writer.write(json.dumps(self.handle(line)).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            cmd = req["cmd"] if isinstance(req, dict) else None
+        except (ValueError, KeyError):
+            return {"ok": False, "error": "a request is one JSON object with a \"cmd\" key"}
+        handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns}.get(cmd)
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r} "
+                                          "(known: status, sessions, luns)"}
+        return {"ok": True, "result": handler()}
+
+    def status(self) -> dict[str, Any]:
+        d = self.daemon
+        reg = d.registry
+        return {
+            "node": d.config.node_name,
+            "version": __version__,
+            "config": d.config.source,
+            "config_digest": d.config_digest,
+            "uptime_s": round(time.time() - self.started, 1),
+            "portals": [f"{p.listen_host}:{p.listen_port}/{p.group_tag}"
+                        for p in (reg.portals if reg else [])],
+            "targets": len(reg.targets) if reg else 0,
+            "sessions": len(reg.sessions) if reg else 0,
+            "connections": len(reg.connections) if reg else 0,
+        }
+
+    def sessions(self) -> list[dict[str, Any]]:
+        reg = self.daemon.registry
+        out = []
+        for s in (reg.sessions if reg else []):
+            c = s.connection
+            out.append({"tsih": s.tsih, "initiator": s.initiator_name,
+                        "isid": f"0x{s.isid:012x}", "target": s.target_name or "(discovery)",
+                        "peer": c.peer if c else "", "tasks": len(c.tasks) if c else 0,
+                        "exp_cmdsn": s.exp_cmdsn})
+        return out
+
+    def luns(self) -> list[dict[str, Any]]:
+        reg = self.daemon.registry
+        out = []
+        for t in (reg.targets.values() if reg else []):
+            for n, lun in sorted(t.luns.items()):
+                p = lun.unit.params
+                out.append({"target": t.name, "lun": n, "path": lun.backend.path,
+                            "blocks": p.blocks, "block_size": p.block_size,
+                            "read_only": p.read_only, "serial": p.serial,
+                            **lun.counters()})
+        return out
+
+
+def request(path: str, cmd: str, timeout: float = 10.0) -> Any:
+    """Client side, for vsanctl: send one request and return the result (or raise)."""
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise RuntimeError(reply.get("error", "request failed"))
+    return reply["result"]
