@@ -71,8 +71,7 @@ class Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- asyncio Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         sock_local = transport.get_extra_info("sockname")
