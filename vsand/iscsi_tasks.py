@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .protocol.iscsi import pdu
 from .protocol.iscsi.pdu import RejectReason, TmfFunction, TmfResponse
+from .protocol.scsi.sense import CheckCondition
 from .protocol.scsi.types import ScsiResult, Status
 
 if TYPE_CHECKING:
@@ -25,13 +26,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsand.iscsi")
 
 MAX_COMMAND_BYTES = 32 << 20
-_SENSE_LEN = (0).to_bytes(2, "big")
+
+
+def _sense(key: int, asc: int, ascq: int) -> bytes:
+    return CheckCondition(key, (asc, ascq)).to_bytes()
 
 
 class Task:
     __slots__ = ("conn", "pdu", "lun", "itt", "buf", "received", "unsol_end", "unsol_open",
                  "next_r2t", "r2ts", "r2tsn", "budget", "aborted", "runner", "oversize",
-                 "executing", "done", "__weakref__")
+                 "executing", "done", "unsol_next", "unsol_datasn", "slot_held",
+                 "__weakref__")
 
     def __init__(self, conn: Connection, cmd: pdu.ScsiCommandPdu, lun: int) -> None:
         self.conn = conn
@@ -43,7 +48,10 @@ class Task:
         self.unsol_end = 0
         self.unsol_open = False
         self.next_r2t = 0
-        self.r2ts: dict[int, list[int]] = {}  # ttt -> [next offset, end offset]
+        self.r2ts: dict[int, list[int]] = {}  # ttt -> [next offset, end offset, next DataSN]
+        self.unsol_next = len(cmd.data)
+        self.unsol_datasn = 0
+        self.slot_held = True
         self.r2tsn = 0
         self.budget = 0
         self.aborted = False
@@ -85,23 +93,33 @@ class Task:
     def on_data(self, msg: pdu.DataOut, bhs: bytes) -> None:
         n = len(msg.data)
         off = msg.offset
-        conn = self.conn
         if msg.ttt == pdu.RESERVED_TAG:
-            if not self.unsol_open or off + n > self.unsol_end:
-                conn._reject(RejectReason.PROTOCOL_ERROR, bhs, "unsolicited data not allowed")
+            if not self.unsol_open or off != self.unsol_next or off + n > self.unsol_end:
+                self._sequence_error(bhs, "unsolicited Data-Out out of place")
                 return
+            if msg.datasn != self.unsol_datasn:
+                self._sequence_error(bhs, f"DataSN {msg.datasn}, expected {self.unsol_datasn}")
+                return
+            self.unsol_next = off + n
+            self.unsol_datasn += 1
             if msg.final:
                 self.unsol_open = False
+                # An initiator may end its unsolicited burst short of FirstBurstLength; the
+                # R2Ts then start where its data stopped.
+                self.next_r2t = self.unsol_next
         else:
             seq = self.r2ts.get(msg.ttt)
             if seq is None or off != seq[0] or off + n > seq[1]:
-                conn._reject(RejectReason.PROTOCOL_ERROR, bhs,
-                             "Data-Out does not match an outstanding R2T")
+                self._sequence_error(bhs, "Data-Out does not match an outstanding R2T")
+                return
+            if msg.datasn != seq[2]:
+                self._sequence_error(bhs, f"DataSN {msg.datasn}, expected {seq[2]}")
                 return
             seq[0] = off + n
+            seq[2] += 1
             if msg.final or seq[0] == seq[1]:
-                if seq[0] != seq[1]:
-                    conn._reject(RejectReason.PROTOCOL_ERROR, bhs, "R2T sequence ended early")
+                if seq[0] != seq[1] or not msg.final:
+                    self._sequence_error(bhs, "R2T sequence ended early or without F bit")
                     return
                 del self.r2ts[msg.ttt]
         if n:
@@ -111,6 +129,16 @@ class Task:
                 self.buf[off:off + n] = msg.data
             self.received += n
         self._progress()
+
+    def _sequence_error(self, bhs: bytes, why: str) -> None:
+        # ErrorRecoveryLevel 0 has no within-command recovery: the data of this command can no
+        # longer be trusted, so the PDU is rejected and the command ends at once with ABORTED
+        # COMMAND / DATA PHASE ERROR; data still in flight for it is dropped as for an aborted
+        # task.  Other commands on the connection are unaffected.
+        self.conn._reject(RejectReason.PROTOCOL_ERROR, bhs, why)
+        if not self.executing:
+            self.executing = True
+            self.respond(ScsiResult(Status.CHECK_CONDITION, _sense(0x0B, 0x4B, 0x00)))
 
     def _progress(self) -> None:
         if self.aborted or self.executing:
@@ -144,7 +172,7 @@ class Task:
             off = self.next_r2t
             length = min(p.max_burst_length, edtl - off)
             ttt = conn.tasks.new_ttt()
-            self.r2ts[ttt] = [off, off + length]
+            self.r2ts[ttt] = [off, off + length, 0]
             self.next_r2t = off + length
             exp, mx = conn.window()
             conn.send(pdu.r2t(self.itt, self.pdu.lun, ttt, conn.statsn, exp, mx, self.r2tsn,
@@ -155,9 +183,7 @@ class Task:
     def _run(self) -> None:
         self.executing = True
         if self.oversize:
-            from .protocol.scsi.sense import CheckCondition
-            sense = CheckCondition(0x05, 0x24, 0x00).to_bytes()
-            self.respond(ScsiResult(Status.CHECK_CONDITION, sense))
+            self.respond(ScsiResult(Status.CHECK_CONDITION, _sense(0x05, 0x24, 0x00)))
             return
         self.conn.execute(self)
 
@@ -171,6 +197,7 @@ class Task:
             return
         p = conn.params
         assert p is not None
+        self.release_slot()
         cmd = self.pdu
         edtl = cmd.edtl
         data = result.data
@@ -220,10 +247,18 @@ class Task:
                                     expdatasn=expdatasn), payload)
         self.finish()
 
+    def release_slot(self) -> None:
+        """Free this command's CmdSN window slot, before its status is built so that the
+        MaxCmdSN the status carries already counts the slot as free."""
+        if self.slot_held:
+            self.slot_held = False
+            self.conn.complete(self)
+
     def finish(self) -> None:
         if self.done:
             return
         self.done = True
+        self.release_slot()
         self.conn.tasks.remove(self)
 
 
@@ -260,7 +295,6 @@ class TaskTable:
     def remove(self, task: Task) -> None:
         if self._tasks.get(task.itt) is task:
             del self._tasks[task.itt]
-            task.conn.complete(task)
         if task.budget:
             task.conn.r2t_budget += task.budget
             task.budget = 0
