@@ -1,0 +1,214 @@
+"""The SCSI target device: LUN map, command table, dispatch, unit attentions, task management.
+
+Theory of operation: ``execute`` looks the opcode (and service action) up in one table,
+reports a pending unit attention instead of running the command when SPC-5 5.14 says so,
+checks the CDB against the table row (length, reserved bits, CONTROL byte), and calls the
+handler.  Every ``CheckCondition`` raised on the way becomes a CHECK CONDITION result here;
+nothing else escapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from . import sbc, spc
+from .cdb import OpSpec, check_cdb
+from .sense import (
+    BUS_DEVICE_RESET_FUNCTION_OCCURRED,
+    I_T_NEXUS_LOSS_OCCURRED,
+    INVALID_COMMAND_OPERATION_CODE,
+    INVALID_FIELD_IN_CDB,
+    LU_NOT_SUPPORTED,
+    POWER_ON_RESET,
+    REPORTED_LUNS_DATA_HAS_CHANGED,
+    UNIT_ATTENTION,
+    CheckCondition,
+    illegal,
+)
+from .types import ScsiCommand, ScsiResult, ScsiTask, Status
+from .unit import LogicalUnit
+
+_CC = Status.CHECK_CONDITION
+
+
+def _u(*parts: int | tuple[int, ...]) -> bytes:
+    out = bytearray()
+    for p in parts:
+        out += bytes(p) if isinstance(p, tuple) else bytes((p,))
+    return bytes(out)
+
+
+LBA4, LBA8, N2, N4 = (0xFF,) * 4, (0xFF,) * 8, (0xFF,) * 2, (0xFF,) * 4
+GRP = 0x1F  # GROUP NUMBER: accepted and ignored
+CTL = 0x00  # CONTROL: no bit supported (NACA and LINK are refused)
+RD = 0xFE  # RDPROTECT, DPO, FUA, RARC, FUA_NV
+WR = 0xFA  # WRPROTECT, DPO, FUA, FUA_NV
+VR = 0xF6  # VRPROTECT/WRPROTECT, DPO, BYTCHK
+
+# The table.  The CDB usage data doubles as the reserved-bit mask (see OpSpec).
+SPECS: tuple[OpSpec, ...] = (
+    OpSpec("TEST UNIT READY", spc.test_unit_ready, _u(0x00, 0, 0, 0, 0, CTL)),
+    OpSpec("REQUEST SENSE", spc.request_sense, _u(0x03, 0x01, 0, 0, 0xFF, CTL),
+           no_lu=True, ua_exempt=True),
+    OpSpec("READ(6)", sbc.read6, _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, CTL)),
+    OpSpec("WRITE(6)", sbc.write6, _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, CTL)),
+    OpSpec("INQUIRY", spc.inquiry, _u(0x12, 0x01, 0xFF, 0xFF, 0xFF, CTL),
+           no_lu=True, ua_exempt=True),
+    OpSpec("MODE SELECT(6)", spc.mode_select6, _u(0x15, 0x11, 0, 0, 0xFF, CTL)),
+    OpSpec("MODE SENSE(6)", spc.mode_sense6, _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, CTL)),
+    OpSpec("START STOP UNIT", spc.start_stop_unit, _u(0x1B, 0x01, 0, 0x0F, 0xF7, CTL)),
+    OpSpec("READ CAPACITY(10)", sbc.read_capacity10, _u(0x25, 0, LBA4, 0, 0, 0x01, CTL)),
+    OpSpec("READ(10)", sbc.read10, _u(0x28, RD, LBA4, GRP, N2, CTL)),
+    OpSpec("WRITE(10)", sbc.write10, _u(0x2A, WR, LBA4, GRP, N2, CTL)),
+    OpSpec("WRITE AND VERIFY(10)", sbc.write_and_verify, _u(0x2E, VR, LBA4, GRP, N2, CTL)),
+    OpSpec("VERIFY(10)", sbc.verify, _u(0x2F, VR, LBA4, GRP, N2, CTL)),
+    OpSpec("PRE-FETCH(10)", sbc.prefetch, _u(0x34, 0x02, LBA4, GRP, N2, CTL)),
+    OpSpec("SYNCHRONIZE CACHE(10)", sbc.synchronize_cache, _u(0x35, 0x06, LBA4, GRP, N2, CTL)),
+    OpSpec("WRITE SAME(10)", sbc.write_same10, _u(0x41, 0xF8, LBA4, GRP, N2, CTL)),
+    OpSpec("UNMAP", sbc.unmap, _u(0x42, 0x01, 0, 0, 0, 0, GRP, N2, CTL), thin_only=True),
+    OpSpec("MODE SELECT(10)", spc.mode_select10, _u(0x55, 0x11, 0, 0, 0, 0, 0, N2, CTL)),
+    OpSpec("MODE SENSE(10)", spc.mode_sense10, _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, N2, CTL)),
+    OpSpec("READ(16)", sbc.read16, _u(0x88, RD, LBA8, N4, GRP, CTL)),
+    OpSpec("COMPARE AND WRITE", sbc.compare_and_write,
+           _u(0x89, WR, LBA8, 0, 0, 0, 0xFF, GRP, CTL)),
+    OpSpec("WRITE(16)", sbc.write16, _u(0x8A, WR, LBA8, N4, GRP, CTL)),
+    OpSpec("ORWRITE(16)", sbc.orwrite, _u(0x8B, WR, LBA8, N4, GRP, CTL)),
+    OpSpec("WRITE AND VERIFY(16)", sbc.write_and_verify, _u(0x8E, VR, LBA8, N4, GRP, CTL)),
+    OpSpec("VERIFY(16)", sbc.verify, _u(0x8F, VR, LBA8, N4, GRP, CTL)),
+    OpSpec("PRE-FETCH(16)", sbc.prefetch, _u(0x90, 0x02, LBA8, N4, GRP, CTL)),
+    OpSpec("SYNCHRONIZE CACHE(16)", sbc.synchronize_cache, _u(0x91, 0x06, LBA8, N4, GRP, CTL)),
+    OpSpec("WRITE SAME(16)", sbc.write_same16, _u(0x93, 0xF9, LBA8, N4, GRP, CTL)),
+    OpSpec("READ CAPACITY(16)", sbc.read_capacity16, _u(0x9E, 0x10, LBA8, N4, 0x01, CTL),
+           sa=0x10),
+    OpSpec("GET LBA STATUS", sbc.get_lba_status, _u(0x9E, 0x12, LBA8, N4, 0x03, CTL),
+           sa=0x12, thin_only=True),
+    OpSpec("REPORT LUNS", spc.report_luns, _u(0xA0, 0, 0xFF, 0, 0, 0, N4, 0, CTL),
+           no_lu=True, ua_exempt=True),
+    OpSpec("REPORT TARGET PORT GROUPS", spc.report_target_port_groups,
+           _u(0xA3, 0xEA, 0, 0, 0, 0, N4, 0, CTL), sa=0x0A),
+    OpSpec("REPORT SUPPORTED OPERATION CODES", spc.report_supported_opcodes,
+           _u(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, N4, 0, CTL), sa=0x0C),
+    OpSpec("READ(12)", sbc.read12, _u(0xA8, RD, LBA4, N4, GRP, CTL)),
+    OpSpec("WRITE(12)", sbc.write12, _u(0xAA, WR, LBA4, N4, GRP, CTL)),
+    OpSpec("WRITE AND VERIFY(12)", sbc.write_and_verify, _u(0xAE, VR, LBA4, N4, GRP, CTL)),
+    OpSpec("VERIFY(12)", sbc.verify, _u(0xAF, VR, LBA4, N4, GRP, CTL)),
+)
+
+
+def _build_table(specs: Iterable[OpSpec]) -> dict[int, Any]:
+    table: dict[int, Any] = {}
+    for s in specs:
+        op = s.usage[0]
+        if s.sa is None:
+            table[op] = s
+        else:
+            table.setdefault(op, {})[s.sa] = s
+    return table
+
+
+# opcode -> OpSpec, or for opcodes with service actions: opcode -> {service action: OpSpec}
+TABLE: dict[int, Any] = _build_table(SPECS)
+
+
+def _check_condition(e: CheckCondition) -> ScsiResult:
+    return ScsiResult(_CC, e.to_bytes())
+
+
+class ScsiTarget:
+    """A SCSI target device: the LUNs one iSCSI target exposes, keyed by LUN number."""
+
+    def __init__(self, luns: dict[int, LogicalUnit] | None = None) -> None:
+        self.luns: dict[int, LogicalUnit] = dict(luns or {})
+        self._nexuses: set[str] = set()
+
+    # -- command execution ----------------------------------------------------------------
+    def execute(self, cmd: ScsiCommand) -> ScsiResult | ScsiTask:
+        cdb = cmd.cdb
+        try:
+            if not cdb:
+                raise illegal(INVALID_COMMAND_OPERATION_CODE, 0)
+            spec = TABLE.get(cdb[0])
+            sa_error: CheckCondition | None = None
+            if type(spec) is dict:
+                spec = spec.get(cdb[1] & 0x1F) if len(cdb) > 1 else None
+                if spec is None:
+                    # Unsupported service action of a supported opcode (SPC-5 4.2.5.1).
+                    sa_error = illegal(INVALID_FIELD_IN_CDB, 1, 4)
+            lu = self.luns.get(cmd.lun)
+            nexus = cmd.nexus
+            if nexus not in self._nexuses:
+                self._attach(nexus)
+            if lu is None:
+                if spec is None or not spec.no_lu:
+                    raise illegal(LU_NOT_SUPPORTED)
+            elif lu.ua and (spec is None or not spec.ua_exempt):
+                ua = lu.pop_ua(nexus)
+                if ua is not None:
+                    return _check_condition(CheckCondition(UNIT_ATTENTION, ua))
+            if spec is None:
+                raise sa_error or illegal(INVALID_COMMAND_OPERATION_CODE, 0)
+            check_cdb(spec, cdb)
+            if spec.thin_only and lu is not None and not lu.params.thin:
+                raise illegal(INVALID_COMMAND_OPERATION_CODE, 0)
+            return spec.handler(self, lu, cmd)  # type: ignore[no-any-return]
+        except CheckCondition as e:
+            return _check_condition(e)
+
+    def data_out_length(self, cmd: ScsiCommand) -> int | None:
+        """Bytes of Data-Out the CDB asks for (SPDTL), for residual counts; None if none."""
+        lu = self.luns.get(cmd.lun)
+        if lu is None or not cmd.cdb:
+            return None
+        return sbc.data_out_length(cmd.cdb[0], cmd.cdb, lu)
+
+    def supported(self, lu: LogicalUnit | None) -> list[OpSpec]:
+        """The commands this LU implements, for REPORT SUPPORTED OPERATION CODES."""
+        thin = lu is not None and lu.params.thin
+        return [s for s in SPECS if thin or not s.thin_only]
+
+    # -- LUN map --------------------------------------------------------------------------
+    def _attach(self, nexus: str) -> None:
+        self._nexuses.add(nexus)
+        for lu in self.luns.values():
+            lu.attach(nexus)
+
+    def add_lun(self, n: int, lu: LogicalUnit) -> None:
+        self.luns[n] = lu
+        for nexus in self._nexuses:
+            lu.attach(nexus)
+        self._luns_changed(skip=lu)
+
+    def remove_lun(self, n: int) -> None:
+        if self.luns.pop(n, None) is not None:
+            self._luns_changed()
+
+    def _luns_changed(self, skip: LogicalUnit | None = None) -> None:
+        # SPC-5 6.33: every nexus learns of the new inventory on whichever LU it talks to next.
+        for lu in self.luns.values():
+            if lu is not skip:
+                lu.raise_ua(REPORTED_LUNS_DATA_HAS_CHANGED)
+
+    def clear_reported_luns_ua(self, nexus: str) -> None:
+        for lu in self.luns.values():
+            lu.clear_ua(nexus, REPORTED_LUNS_DATA_HAS_CHANGED)
+
+    # -- task management and nexus events -------------------------------------------------
+    def lun_reset(self, lun: int, nexus: str) -> None:
+        """LOGICAL UNIT RESET (SAM-5 7.7): defaults restored, 29/03 for the other nexuses."""
+        lu = self.luns.get(lun)
+        if lu is not None:
+            lu.reset_mode_pages()
+            lu.raise_ua(BUS_DEVICE_RESET_FUNCTION_OCCURRED, exclude=nexus)
+
+    def target_reset(self, nexus: str) -> None:
+        """TARGET (WARM) RESET: a hard reset of every LU (SAM-5 6.3.2), 29/00 for the others."""
+        for lu in self.luns.values():
+            lu.reset_mode_pages()
+            lu.raise_ua(POWER_ON_RESET, exclude=nexus)
+
+    def nexus_lost(self, nexus: str) -> None:
+        """I_T nexus loss (SAM-5 6.3.4): older UAs are moot; 29/07 waits for its return."""
+        for lu in self.luns.values():
+            lu.clear_ua(nexus)
+            lu.raise_ua(I_T_NEXUS_LOSS_OCCURRED, only=nexus)
