@@ -81,7 +81,7 @@ class Connection(asyncio.Protocol):
         self.login = LoginMachine(portal_group_tag=self.portal.group_tag,
                                   offer=self.registry.offer,
                                   lookup_target=self._lookup_target,
-                                  admit=self._admit)
+                                  admit=self._admit, cmd_window=self.registry.window)
         self._watch = self._loop.call_later(self.registry.login_timeout, self._login_timeout)
 
     def data_received(self, data: bytes) -> None:

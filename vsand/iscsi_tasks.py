@@ -188,7 +188,7 @@ class Task:
         self.conn.execute(self)
 
     # ------------------------------------------------------------------ responses
-    def respond(self, result: ScsiResult, release: Any = None) -> None:
+    def respond(self, result: ScsiResult, release: Any = None, write_residual: int = 0) -> None:
         conn = self.conn
         if self.aborted or conn.closed:
             if release:
@@ -206,7 +206,7 @@ class Task:
         avail = len(data) if data is not None else 0
         # Residuals compare what the command moved with the EDTL: for Data-In the bytes the
         # command produced; for a write the SCSI layer consumed what it needed of the buffer.
-        residual = 0 if (cmd.write and not cmd.read) else edtl - avail
+        residual = write_residual if (cmd.write and not cmd.read) else edtl - avail
         n = min(avail, edtl) if cmd.read else 0
         expdatasn = self.r2tsn
         if n:

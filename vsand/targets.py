@@ -56,8 +56,13 @@ class TargetNode:
 
     async def run(self, task: Task, cmd: ScsiCommand) -> None:
         result = await run_scsi(self.scsi, cmd, self.luns)
+        write_residual = 0
+        if task.pdu.write:
+            needed = self.scsi.data_out_length(cmd)
+            if needed is not None:
+                write_residual = cmd.edtl - needed
         task.respond(result, (lambda: release_result(result)) if result.data is not None
-                     else None)
+                     else None, write_residual)
 
 
 def _is_wildcard(host: str) -> bool:

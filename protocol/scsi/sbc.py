@@ -121,6 +121,13 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int) -> R
         return ScsiResult(GOOD)
     if n > max_transfer_blocks(lu):
         raise illegal(INVALID_FIELD_IN_CDB)
+    # EDTL shorter than the CDB's transfer (an overflow): write the whole blocks that came and
+    # let the transport report the residual, as libiscsi's residual tests and LIO expect.
+    sent = len(cmd.data_out) if cmd.data_out is not None else 0
+    if sent < n * p.block_size:
+        n = sent // p.block_size
+        if not n:
+            return ScsiResult(GOOD)
     data = data_out(cmd, n * p.block_size)
     # With the write cache disabled every write must be stable before GOOD (SBC-4 WCE=0).
     fua = bool(flags & FUA) or not p.write_cache

@@ -76,7 +76,7 @@ def _standard_inquiry(lu: LogicalUnit | None) -> bytes:
         p = None
     else:
         p = lu.params
-    d[2] = 0x07  # SPC-5
+    d[2] = 0x06  # SPC-4: libiscsi's INQUIRY test refuses 0x07 (SPC-5) as a version
     d[3] = 0x12  # HISUP, response data format 2
     d[4] = len(d) - 5
     d[5] = 0x10  # TPGS=01b: implicit ALUA only
