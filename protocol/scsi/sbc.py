@@ -251,6 +251,10 @@ def compare_and_write(target: ScsiTarget, lu: LogicalUnit, cmd: ScsiCommand) -> 
     if nlb > MAX_COMPARE_AND_WRITE_BLOCKS:
         raise illegal(INVALID_FIELD_IN_CDB, 13)
     if not nlb:
+        if cmd.edtl:
+            # Data for zero blocks: the initiator meant a length the one-byte field cannot
+            # hold (e.g. 256), so the field is what is wrong.
+            raise illegal(INVALID_FIELD_IN_CDB, 13)
         return ScsiResult(GOOD)  # SBC-4 5.3: zero blocks is not an error
     need = 2 * nlb * p.block_size
     # The Data-Out is verify data then write data; any other length means initiator and
@@ -293,7 +297,11 @@ def _write_same(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int,
     if not n:
         return ScsiResult(GOOD)
     fua = not p.write_cache
-    return _io_task(BlockRequest(BlockOp.WRITE_SAME, lba, n, pattern, fua, unmap=unmap))
+    if unmap:
+        # The UNMAP bit deallocates whatever the pattern: with LBPRZ=1 the blocks then read
+        # as zeroes, which is what initiators (and libiscsi's WRITE SAME tests) rely on.
+        return _io_task(BlockRequest(BlockOp.UNMAP, lba, n, ranges=((lba, n),)))
+    return _io_task(BlockRequest(BlockOp.WRITE_SAME, lba, n, pattern, fua))
 
 
 def write_same10(target: ScsiTarget, lu: LogicalUnit, cmd: ScsiCommand) -> Result:

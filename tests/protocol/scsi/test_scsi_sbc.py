@@ -128,14 +128,17 @@ def test_read_only_lu_refuses_every_write() -> None:
     assert sense(h.run(rw10(0x28, 0, 1))) == GOOD
 
 
-def test_residuals_short_data_out_is_refused_long_is_truncated() -> None:
+def test_residuals_short_data_out_writes_whole_blocks_that_came() -> None:
     h = Harness()
     bs = h.bs
     h.run(rw10(0x2A, 0, 2), b"a" * 2 * bs)
-    # EDTL 0 / 200 / one block for a 1- or 2-block write: nothing is written.
-    for n, data in ((1, None), (1, b"b" * 200), (2, b"b" * bs)):
-        assert sense(h.run(rw10(0x2A, 0, n), data, edtl=len(data or b""))) == INVALID_IU
+    # EDTL 0 or 200 bytes for a 1-block write: GOOD, nothing written (no whole block came).
+    for n, data in ((1, None), (1, b"b" * 200)):
+        assert sense(h.run(rw10(0x2A, 0, n), data, edtl=len(data or b""))) == GOOD
     assert bytes(h.backend.data[: 2 * bs]) == b"a" * 2 * bs
+    # One block of data for a 2-block write: the block that came is written.
+    assert sense(h.run(rw10(0x2A, 0, 2), b"b" * bs, edtl=bs)) == GOOD
+    assert bytes(h.backend.data[: 2 * bs]) == b"b" * bs + b"a" * bs
     # EDTL of two blocks for a one-block write: the first block only.
     assert sense(h.run(rw10(0x2A, 0, 1), b"c" * 2 * bs)) == GOOD
     assert bytes(h.backend.data[: 2 * bs]) == b"c" * bs + b"a" * bs
@@ -239,8 +242,9 @@ def test_write_same(op: int, build) -> None:
     bs, end = h.bs, h.params.blocks
     assert sense(h.run(build(op, 10, 5), b"\x77" * bs)) == GOOD
     assert bytes(h.backend.data[10 * bs : 15 * bs]) == b"\x77" * 5 * bs
-    assert sense(h.run(build(op, 10, 5, 0x08), bytes(bs))) == GOOD  # UNMAP
-    assert h.backend.log[-1].unmap is True
+    # UNMAP deallocates whatever the pattern, so the blocks read back as zeroes (LBPRZ).
+    assert sense(h.run(build(op, 10, 5, 0x08), b"\xff" * bs)) == GOOD
+    assert h.backend.log[-1].op == BlockOp.UNMAP and h.backend.log[-1].ranges == ((10, 5),)
     assert h.backend.deallocated[10:15] == b"\x01" * 5
     # zero blocks: through the end, unless that exceeds MAXIMUM WRITE SAME LENGTH
     assert sense(h.run(build(op, 0, 0), bytes(bs))) == INVALID_CDB

@@ -40,7 +40,7 @@ def vpd(h: Harness, page: int) -> bytes:
 def test_standard_inquiry() -> None:
     h = Harness(vendor="ACME", product="DISK", revision="0042")
     data = bytes(h.run(inquiry(alloc=260)).data)
-    assert data[0] == 0x00 and data[2] == 0x07 and data[3] & 0x0F == 2 and data[3] & 0x10
+    assert data[0] == 0x00 and data[2] == 0x06 and data[3] & 0x0F == 2 and data[3] & 0x10
     assert data[4] == len(data) - 5 and data[5] & 0x30 == 0x10 and data[7] & 0x02
     assert data[8:16] == b"ACME    " and data[16:32] == b"DISK".ljust(16) and data[32:36] == b"0042"
     versions = struct.unpack_from(">8H", data, 58)
