@@ -67,6 +67,7 @@ class Connection(asyncio.Protocol):
         self.r2t_budget = R2T_BUDGET
         self._loop = asyncio.get_event_loop()
         self.login_cmdsn = 0
+        self.logged_out = False
         self.local_addr: tuple[str, int] = ("", 0)
 
     # ---------------------------------------------------------------- asyncio Protocol
@@ -139,7 +140,9 @@ class Connection(asyncio.Protocol):
             if s.connection is self:
                 s.connection = None
                 self.registry.sessions.remove(s)
-                if self.target is not None:
+                if self.target is not None and not self.logged_out:
+                    # A logout ends the nexus cleanly; only a lost connection is an I_T
+                    # nexus loss the initiator must hear about (SAM-5 6.3.4).
                     self.target.scsi.nexus_lost(s.nexus)
                 log.info("session closed: %s from %s (tsih %d)", s.initiator_name, self.peer, s.tsih)
 
@@ -396,6 +399,7 @@ class Connection(asyncio.Protocol):
 
         async def finish() -> None:
             await self.tasks.drain()
+            self.logged_out = True
             e, m = self.window()
             self.send(pdu.logout_response(msg.itt, 0, self.next_statsn(), e, m,
                                           self.params.default_time2wait if self.params else 0,

@@ -56,13 +56,21 @@ class TargetNode:
 
     async def run(self, task: Task, cmd: ScsiCommand) -> None:
         result = await run_scsi(self.scsi, cmd, self.luns)
-        write_residual = 0
-        if task.pdu.write:
-            needed = self.scsi.data_out_length(cmd)
-            if needed is not None:
-                write_residual = cmd.edtl - needed
-        task.respond(result, (lambda: release_result(result)) if result.data is not None
-                     else None, write_residual)
+        try:
+            write_residual = 0
+            if task.pdu.write:
+                needed = self.scsi.data_out_length(cmd)
+                if needed is not None:
+                    write_residual = cmd.edtl - needed
+            task.respond(result, (lambda: release_result(result)) if result.data is not None
+                         else None, write_residual)
+        except Exception:
+            # A bug while answering must not leave the initiator waiting forever: the
+            # connection is dropped and the initiator recovers as from any link failure.
+            log.exception("%s: internal error answering ITT 0x%08x; closing the connection",
+                          task.conn.peer, task.itt)
+            task.finish()
+            task.conn.close()
 
 
 def _is_wildcard(host: str) -> bool:

@@ -325,7 +325,7 @@ def scsi_response(itt: int, status: int, statsn: int, expcmdsn: int, maxcmdsn: i
     elif residual < 0:
         flags |= 0x04
     return _bhs(Op.SCSI_RSP, flags, response, status, data_len, 0, itt, 0, statsn, expcmdsn,
-                maxcmdsn, expdatasn, 0, abs(residual))
+                maxcmdsn, expdatasn, 0, min(abs(residual), 0xFFFFFFFF))
 
 
 def data_in(itt: int, lunf: int, datasn: int, offset: int, data_len: int, final: bool,
@@ -344,7 +344,8 @@ def data_in(itt: int, lunf: int, datasn: int, offset: int, data_len: int, final:
     else:
         statsn = 0
     return _bhs(Op.DATA_IN, flags, 0, st, data_len, lunf, itt, RESERVED_TAG, statsn, expcmdsn,
-                maxcmdsn, datasn, offset, abs(residual) if status is not None else 0)
+                maxcmdsn, datasn, offset,
+                min(abs(residual), 0xFFFFFFFF) if status is not None else 0)
 
 
 def r2t(itt: int, lunf: int, ttt: int, statsn: int, expcmdsn: int, maxcmdsn: int, r2tsn: int,
