@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import release_buffer
 from .protocol.iscsi import pdu
 from .protocol.iscsi.framing import DigestError, PduReader, frame
 from .protocol.iscsi.pdu import Op, PduError, RejectReason
@@ -57,7 +58,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.closing = False
         self._out: list[Any] = []
-        self._leases: list[Callable[[], None]] = []
+        self._leases: list[Any] = []
         self._flush_scheduled = False
         self._paused_writing = False
         self.last_rx = time.monotonic()
@@ -130,8 +131,8 @@ class Connection(asyncio.Protocol):
         if self._watch:
             self._watch.cancel()
         self.registry.connections.discard(self)
-        for release in self._leases:
-            release()
+        for buf in self._leases:
+            release_buffer(buf)
         self._leases.clear()
         self._out.clear()
         self.tasks.abort_all()
@@ -160,16 +161,17 @@ class Connection(asyncio.Protocol):
             self._release_leases_if_sent()
 
     # ---------------------------------------------------------------- output
-    def send(self, header: bytes, data: Any = None, lease: Callable[[], None] | None = None) -> None:
+    def send(self, header: bytes, data: Any = None, lease: Any = None) -> None:
+        """Queue one PDU; ``lease`` is a pooled read buffer to recycle once it is sent."""
         if self.closed:
-            if lease:
-                lease()
+            if lease is not None:
+                release_buffer(lease)
             return
         p = self.params
         self._out.extend(frame(header, data) if p is None or not (p.header_digest or p.data_digest)
                          else frame(header, data, self.registry.crc32c if p.header_digest else None,
                                     self.registry.crc32c if p.data_digest else None))
-        if lease:
+        if lease is not None:
             self._leases.append(lease)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -180,6 +182,8 @@ class Connection(asyncio.Protocol):
         if self._out and self.transport is not None and not self.closed:
             out, self._out = self._out, []
             self.transport.writelines(out)
+            # Our slices of pooled buffers must be gone before the buffers can be recycled.
+            del out
         self._release_leases_if_sent()
 
     def _release_leases_if_sent(self) -> None:
@@ -188,8 +192,8 @@ class Connection(asyncio.Protocol):
         if self._leases and (self.transport is None or self.closed
                              or self.transport.get_write_buffer_size() == 0):
             leases, self._leases = self._leases, []
-            for release in leases:
-                release()
+            for buf in leases:
+                release_buffer(buf)
 
     def next_statsn(self) -> int:
         sn = self.statsn
@@ -438,7 +442,7 @@ class Connection(asyncio.Protocol):
         assert session is not None and self.target is not None
         cmd = ScsiCommand(task.pdu.cdb, task.lun, session.nexus, task.data_view(),
                           task.pdu.edtl, task.pdu.attr)
-        task.runner = self._loop.create_task(self.target.run(task, cmd))
+        self.target.start(task, cmd)
 
     def complete(self, task: Task) -> None:
         """The task left the task table: free its window slot."""

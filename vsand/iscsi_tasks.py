@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import release_buffer
 from .protocol.iscsi import pdu
 from .protocol.iscsi.pdu import RejectReason, TmfFunction, TmfResponse
 from .protocol.scsi.sense import CheckCondition
@@ -188,11 +189,11 @@ class Task:
         self.conn.execute(self)
 
     # ------------------------------------------------------------------ responses
-    def respond(self, result: ScsiResult, release: Any = None, write_residual: int = 0) -> None:
+    def respond(self, result: ScsiResult, write_residual: int = 0) -> None:
         conn = self.conn
+        data = result.data
         if self.aborted or conn.closed:
-            if release:
-                release()
+            release_buffer(data)
             self.finish()
             return
         p = conn.params
@@ -200,7 +201,6 @@ class Task:
         self.release_slot()
         cmd = self.pdu
         edtl = cmd.edtl
-        data = result.data
         status = result.status
         sense = result.sense
         avail = len(data) if data is not None else 0
@@ -229,15 +229,15 @@ class Task:
                     end_of_burst = last or (off + length) % burst == 0
                     hdr = pdu.data_in(self.itt, lunf, datasn, off, length, end_of_burst, None,
                                       0, exp, mx, 0)
-                conn.send(hdr, view[off:off + length], release if last else None)
+                conn.send(hdr, view[off:off + length], data if last else None)
                 off += length
                 datasn += 1
             if collapse:
                 self.finish()
                 return
             expdatasn = datasn
-        elif release:
-            release()
+        else:
+            release_buffer(data)
         payload = None
         if sense:
             payload = len(sense).to_bytes(2, "big") + sense
@@ -301,10 +301,8 @@ class TaskTable:
             self.budget_users -= 1
             self._wake_waiting()
         task.buf = None
-        try:
+        if self._waiting and task in self._waiting:
             self._waiting.remove(task)
-        except ValueError:
-            pass
         if not self._tasks and self._idle is not None:
             self._idle.set()
 

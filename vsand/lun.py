@@ -22,10 +22,11 @@ means "stable" (DESIGN invariant 7).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from typing import Any, Protocol
 
 from .backends.base import Backend, release_buffer
@@ -49,6 +50,7 @@ _WRITE_OPS = frozenset(
     (BlockOp.WRITE, BlockOp.WRITE_SAME, BlockOp.COMPARE_AND_WRITE, BlockOp.UNMAP, BlockOp.FLUSH)
 )
 _CHECK_CONDITION = int(Status.CHECK_CONDITION)
+NOT_DONE: Any = object()  # try_block: "needs the async path"
 
 
 class ScsiTarget(Protocol):
@@ -100,6 +102,29 @@ class Lun:
     @classmethod
     def from_params(cls, number: int, params: LunParams, backend: Backend) -> Lun:
         return cls(number, LogicalUnit(params), backend)
+
+    def try_block(self, req: BlockRequest) -> Any:
+        """The request done synchronously from the page cache, or NOT_DONE; raises OSError."""
+        op = req.op
+        bs = self.block_size
+        if op is _READ:
+            n = req.blocks * bs
+            buf = self.backend.try_read(req.lba * bs, n)
+            if buf is None:
+                return NOT_DONE
+            self.read_ops += 1
+            self.read_bytes += n
+            return buf
+        if op is _WRITE:
+            data = req.data
+            if data is None or req.fua or not self.unit.write_cache:
+                return NOT_DONE
+            if not self.backend.try_write(req.lba * bs, data):
+                return NOT_DONE
+            self.write_ops += 1
+            self.write_bytes += len(data)
+            return None
+        return NOT_DONE
 
     async def execute_block(self, req: BlockRequest) -> Any:
         """Run one block request; results as listed in ``protocol.block``; raises OSError."""
@@ -212,38 +237,78 @@ def _internal_failure() -> ScsiResult:
     )
 
 
-async def run_scsi(target: ScsiTarget, cmd: ScsiCommand, luns: dict[int, Lun]) -> ScsiResult:
-    """Execute ``cmd`` to completion; never raises (except cancellation of the caller)."""
+def start_scsi(target: ScsiTarget, cmd: ScsiCommand,
+               luns: dict[int, Lun]) -> ScsiResult | Coroutine[Any, Any, ScsiResult]:
+    """Execute ``cmd`` as far as it can go without blocking.
+
+    Returns the ScsiResult when the command completed synchronously (the common case: a READ
+    or WRITE served by the page cache, with no coroutine or task at all), otherwise a
+    coroutine that finishes it.  Never raises.
+    """
     req: BlockRequest | None = None
     try:
         task = target.execute(cmd)
-        if isinstance(task, ScsiResult):
+        if type(task) is ScsiResult:
             return task
         lun = luns.get(cmd.lun)
-        req = next(task)
+        if lun is None:
+            raise RuntimeError(f"command for LUN {cmd.lun} yielded I/O but no such LUN")
+        req = next(task)  # type: ignore[arg-type]
         while True:
-            if lun is None:
-                raise RuntimeError(f"command for LUN {cmd.lun} yielded I/O but no such LUN")
+            try:
+                result = lun.try_block(req)
+            except OSError as e:
+                req = task.throw(e)  # type: ignore[union-attr]
+                continue
+            if result is NOT_DONE:
+                return _finish(task, req, lun, cmd)  # type: ignore[arg-type]
+            req = task.send(result)  # type: ignore[union-attr]
+    except BaseException as e:  # noqa: B036 - StopIteration carries the result
+        return _outcome(e, req, cmd)
+
+
+async def _finish(task: Generator[BlockRequest, Any, ScsiResult], req: BlockRequest, lun: Lun,
+                  cmd: ScsiCommand) -> ScsiResult:
+    try:
+        while True:
             try:
                 result = await lun.execute_block(req)
             except OSError as e:
                 req = task.throw(e)
             else:
                 req = task.send(result)
-    except StopIteration as stop:
-        value = stop.value
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036
+        return _outcome(e, req, cmd)
+
+
+def _outcome(e: BaseException, req: BlockRequest | None, cmd: ScsiCommand) -> ScsiResult:
+    """The ScsiResult for however a SCSI task ended."""
+    if isinstance(e, StopIteration):
+        value = e.value
         if isinstance(value, ScsiResult):
             return value
         log.error("SCSI task for %r returned %r, not a ScsiResult", cmd.cdb[:1], value)
         return _internal_failure()
-    except OSError as e:
+    if isinstance(e, OSError):
         # The request that failed decides read vs write error; an OSError without errno (a
         # library's, not the kernel's) maps to internal failure.
         is_write = req is not None and req.op in _WRITE_OPS
         return ScsiResult(_CHECK_CONDITION, sense_for_errno(e.errno, is_write).to_bytes())
-    except CheckCondition as cc:
+    if isinstance(e, CheckCondition):
         # Handlers should have turned it into a result already; answer it anyway.
-        return ScsiResult(_CHECK_CONDITION, cc.to_bytes())
-    except Exception:
-        log.exception("internal failure executing CDB %s on LUN %d", bytes(cmd.cdb).hex(), cmd.lun)
-        return _internal_failure()
+        return ScsiResult(_CHECK_CONDITION, e.to_bytes())
+    if not isinstance(e, Exception):
+        raise e
+    log.error("internal failure executing CDB %s on LUN %d", bytes(cmd.cdb).hex(), cmd.lun,
+              exc_info=e)
+    return _internal_failure()
+
+
+async def run_scsi(target: ScsiTarget, cmd: ScsiCommand, luns: dict[int, Lun]) -> ScsiResult:
+    """Execute ``cmd`` to completion; never raises (except cancellation of the caller)."""
+    outcome = start_scsi(target, cmd, luns)
+    if type(outcome) is ScsiResult:
+        return outcome
+    return await outcome  # type: ignore[misc]

@@ -7,15 +7,17 @@ find its target, and to see the other sessions (reinstatement, resets that cross
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .lun import Lun, release_result, run_scsi
+from .lun import Lun, release_result, start_scsi
 from .protocol.iscsi.login import SessionParams, TargetInfo, TargetOffer
 from .protocol.scsi import ScsiTarget
-from .protocol.scsi.types import ScsiCommand
+from .protocol.scsi.types import ScsiCommand, ScsiResult
 from .session import SessionRegistry
 
 if TYPE_CHECKING:
@@ -54,21 +56,33 @@ class TargetNode:
         # Open to every initiator until ACLs exist.
         return True
 
-    async def run(self, task: Task, cmd: ScsiCommand) -> None:
-        result = await run_scsi(self.scsi, cmd, self.luns)
+    def start(self, task: Task, cmd: ScsiCommand) -> None:
+        """Run ``cmd``: inline when the page cache can serve it, else as an asyncio task."""
+        outcome = start_scsi(self.scsi, cmd, self.luns)
+        if type(outcome) is ScsiResult:
+            self.answer(task, cmd, outcome)
+        else:
+            task.runner = asyncio.get_running_loop().create_task(
+                self._finish(task, cmd, outcome))  # type: ignore[arg-type]
+
+    async def _finish(self, task: Task, cmd: ScsiCommand,
+                      outcome: Coroutine[Any, Any, ScsiResult]) -> None:
+        self.answer(task, cmd, await outcome)
+
+    def answer(self, task: Task, cmd: ScsiCommand, result: ScsiResult) -> None:
         try:
             write_residual = 0
             if task.pdu.write:
                 needed = self.scsi.data_out_length(cmd)
                 if needed is not None:
                     write_residual = cmd.edtl - needed
-            task.respond(result, (lambda: release_result(result)) if result.data is not None
-                         else None, write_residual)
+            task.respond(result, write_residual)
         except Exception:
             # A bug while answering must not leave the initiator waiting forever: the
             # connection is dropped and the initiator recovers as from any link failure.
             log.exception("%s: internal error answering ITT 0x%08x; closing the connection",
                           task.conn.peer, task.itt)
+            release_result(result)
             task.finish()
             task.conn.close()
 

@@ -13,7 +13,7 @@ import pytest
 
 from vsand.backends import FileBackend
 from vsand.backends.base import DEFAULT_POOL
-from vsand.lun import Lun, release_result, run_scsi
+from vsand.lun import start_scsi, Lun, release_result, run_scsi
 from vsand.protocol.block import BlockOp, BlockRequest, Extent, ExtentState
 from vsand.protocol.scsi.sense import CheckCondition, sense_for_errno
 from vsand.protocol.scsi.types import LunParams, ScsiCommand, ScsiResult, Status
@@ -200,6 +200,9 @@ async def test_escaping_oserror_becomes_sense(
 
     lun.backend.read = failing  # type: ignore[method-assign]
     lun.backend.write = failing  # type: ignore[method-assign]
+    # Push the request off the synchronous page-cache path onto the async one.
+    lun.backend.try_read = lambda *a: None  # type: ignore[method-assign]
+    lun.backend.try_write = lambda *a: False  # type: ignore[method-assign]
 
     def task(cmd: ScsiCommand) -> Generator[BlockRequest, Any, ScsiResult]:
         yield BlockRequest(op, lba=0, blocks=1, data=bytes(BS))
@@ -209,6 +212,21 @@ async def test_escaping_oserror_becomes_sense(
     assert res.status == Status.CHECK_CONDITION
     assert _sense_key_asc(res.sense) == expect
     assert res.sense == sense_for_errno(err, op is not BlockOp.READ).to_bytes()
+
+
+def test_fast_path_failure_also_becomes_sense(lun: Lun) -> None:
+    def failing(*args: Any) -> Any:
+        raise OSError(errno.EIO, "injected")
+
+    lun.backend.try_read = failing  # type: ignore[method-assign]
+
+    def task(cmd: ScsiCommand) -> Generator[BlockRequest, Any, ScsiResult]:
+        yield BlockRequest(BlockOp.READ, lba=0, blocks=1)
+        return ScsiResult(Status.GOOD)
+
+    res = start_scsi(FakeTarget(task), _cmd(), {0: lun})
+    assert isinstance(res, ScsiResult) and res.status == Status.CHECK_CONDITION
+    assert _sense_key_asc(res.sense) == (0x3, 0x11, 0x00)
 
 
 async def test_read_only_lun_answers_write_protected(tmp_path: Path) -> None:

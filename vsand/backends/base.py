@@ -299,3 +299,11 @@ class Backend(abc.ABC):
     def release(self, buf: object) -> None:
         """Give back a buffer returned by ``read``; anything else is ignored."""
         release_buffer(buf)
+
+    # Synchronous fast paths: serve what the page cache can serve without blocking the loop
+    # and without a coroutine.  None / False means "use the async method instead".
+    def try_read(self, offset: int, length: int) -> memoryview | None:
+        return None
+
+    def try_write(self, offset: int, data: Buffer) -> bool:
+        return False

@@ -222,6 +222,35 @@ class FileBackend(Backend):
 
     # -- read -------------------------------------------------------------------------------
 
+    def try_read(self, offset: int, length: int) -> memoryview | None:
+        if not self._read_nowait or offset < 0 or offset + length > self.size:
+            return None
+        buf = self._pool.acquire(length)
+        try:
+            got = _preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+        except _BlockingIOError:
+            got = -1
+        except OSError as e:
+            self._pool.release(buf)
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._read_nowait = False
+            return None
+        if got == length:
+            self.inline_reads += 1
+            return buf
+        self._pool.release(buf)
+        return None
+
+    def try_write(self, offset: int, data: Buffer) -> bool:
+        """A whole write done inline, or False (nothing to undo: a partial inline write is
+        simply written again, with the same bytes, by the async path)."""
+        n = len(data)
+        if (self.read_only or n > self.inline_write_max or self._locks.exclusive
+                or offset < 0 or offset + n > self.size):
+            return False
+        return self._write_inline(offset, data) == n
+
     async def read(self, offset: int, length: int) -> memoryview:
         if offset < 0 or offset + length > self.size:
             self._check(offset, length)
