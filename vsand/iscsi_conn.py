@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,10 @@ from .protocol.iscsi.login import LoginMachine, SessionParams, TargetInfo
 from .protocol.iscsi.text import TextHandler
 from .protocol.scsi.types import ScsiCommand
 from .session import Session
-from .iscsi_tasks import Task, TaskTable, TmfHandler
+from .iscsi_tasks import Task, TaskTable, TmfHandler, send_data_in
+from .lun import NOT_DONE, Lun
+from .protocol.block import BlockOp
+from .protocol.scsi.sbc import plain_read_write
 
 if TYPE_CHECKING:
     from .targets import Portal, TargetRegistry
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsand.iscsi")
 
 LOGIN_MAX_DATA = 8192
+# byte 0, flags, LUN, ITT, EDTL, CmdSN of a SCSI Command BHS
+_FAST_BHS = struct.Struct(">BB6xQIII")
 # Bytes of solicited write data this connection may have asked for and not yet received;
 # bounds what R2Ts make us buffer, whatever EDTLs the initiator announces.
 R2T_BUDGET = 64 << 20
@@ -68,6 +74,7 @@ class Connection(asyncio.Protocol):
         self.r2t_budget = R2T_BUDGET
         self._loop = asyncio.get_event_loop()
         self.login_cmdsn = 0
+        self.fast_luns: dict[int, Lun] | None = None
         self.logged_out = False
         self.local_addr: tuple[str, int] = ("", 0)
 
@@ -96,6 +103,9 @@ class Connection(asyncio.Protocol):
                 if item is None:
                     break
                 bhs, ahs, payload = item
+                if bhs[0] & 0x3F == 1 and self.fast_luns and not ahs and self._fast_command(
+                        bhs, payload):
+                    continue
                 try:
                     msg = pdu.decode(bhs, ahs, payload)
                 except PduError as e:
@@ -273,6 +283,9 @@ class Connection(asyncio.Protocol):
         self.login = None
         if self._watch:
             self._watch.cancel()
+        if self.target is not None and self.session is not None:
+            self.target.scsi.attach(self.session.nexus)
+            self.fast_luns = self.target.luns
         self._arm_nop()
 
     def _all_targets(self) -> list[TargetInfo]:
@@ -411,6 +424,47 @@ class Connection(asyncio.Protocol):
             self.close_after_flush()
 
         self._loop.create_task(finish())
+
+    def _fast_command(self, bhs: bytes, payload: memoryview) -> bool:
+        """A plain READ/WRITE served from the page cache, start to status, without a Task.
+
+        Returns False, having changed nothing, whenever anything is not plain (window, ITT in
+        use, a pending unit attention, data not all immediate, the page cache would block...):
+        the general path then handles the command from scratch.
+        """
+        b0, b1, lunf, itt, edtl, cmdsn = _FAST_BHS.unpack_from(bhs)
+        if not b1 & 0x80 or lunf & 0xFFFFFFFFFFFF or lunf >> 56:
+            return False
+        lun = self.fast_luns.get(lunf >> 48)  # type: ignore[union-attr]
+        session = self.session
+        if lun is None or session is None:
+            return False
+        immediate = b0 & 0x40
+        if not immediate and cmdsn != session.exp_cmdsn:
+            return False
+        req = plain_read_write(lun.unit, bhs[32:48], session.nexus)
+        if req is None or edtl != req.blocks * lun.block_size or itt in self.tasks:
+            return False
+        if req.op is BlockOp.WRITE:
+            if not b1 & 0x20 or b1 & 0x40 or len(payload) != edtl:
+                return False
+            req.data = payload
+        elif not b1 & 0x40 or b1 & 0x20 or len(payload):
+            return False
+        try:
+            result = lun.try_block(req)
+        except OSError:
+            return False  # the general path repeats it and reports the error properly
+        if result is NOT_DONE:
+            return False
+        if not immediate:
+            session.exp_cmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        if req.op is BlockOp.READ:
+            send_data_in(self, itt, lunf, result, edtl, 0, 0)
+        else:
+            exp, mx = session.exp_cmdsn, session.max_cmdsn
+            self.send(pdu.scsi_response(itt, 0, self.next_statsn(), exp, mx, 0, 0))
+        return True
 
     def _on_command(self, msg: pdu.ScsiCommandPdu, bhs: bytes) -> None:
         s = self.session

@@ -211,27 +211,9 @@ class Task:
         expdatasn = self.r2tsn
         if n:
             assert data is not None
-            view = data if isinstance(data, memoryview) else memoryview(data)
-            seg = p.max_send_dsl
-            burst = p.max_burst_length
             collapse = sense is None and status == Status.GOOD
-            off = 0
-            datasn = 0
-            lunf = cmd.lun
-            while off < n:
-                length = min(seg, n - off, burst - (off % burst))
-                last = off + length >= n
-                exp, mx = conn.window()
-                if last and collapse:
-                    hdr = pdu.data_in(self.itt, lunf, datasn, off, length, True, status,
-                                      conn.next_statsn(), exp, mx, residual)
-                else:
-                    end_of_burst = last or (off + length) % burst == 0
-                    hdr = pdu.data_in(self.itt, lunf, datasn, off, length, end_of_burst, None,
-                                      0, exp, mx, 0)
-                conn.send(hdr, view[off:off + length], data if last else None)
-                off += length
-                datasn += 1
+            datasn = send_data_in(conn, self.itt, cmd.lun, data, n,
+                                  status if collapse else None, residual)
             if collapse:
                 self.finish()
                 return
@@ -262,6 +244,38 @@ class Task:
         self.conn.tasks.remove(self)
 
 
+def send_data_in(conn: Connection, itt: int, lunf: int, data: Any, n: int,
+                 status: int | None, residual: int) -> int:
+    """Queue ``n`` bytes of ``data`` as Data-In PDUs; returns how many were sent.
+
+    Segments follow the initiator's MaxRecvDataSegmentLength, the F bit closes every
+    MaxBurstLength sequence, and a ``status`` rides in the last PDU (phase collapse).  The
+    pooled buffer is released once the transport no longer holds it.
+    """
+    p = conn.params
+    assert p is not None
+    view = data if type(data) is memoryview else memoryview(data)
+    seg = p.max_send_dsl
+    burst = p.max_burst_length
+    off = 0
+    datasn = 0
+    while off < n:
+        length = min(seg, n - off, burst - (off % burst))
+        last = off + length >= n
+        exp, mx = conn.window()
+        if last and status is not None:
+            hdr = pdu.data_in(itt, lunf, datasn, off, length, True, status,
+                              conn.next_statsn(), exp, mx, residual)
+        else:
+            end_of_burst = last or (off + length) % burst == 0
+            hdr = pdu.data_in(itt, lunf, datasn, off, length, end_of_burst, None, 0, exp, mx, 0)
+        conn.send(hdr, view if length == len(view) else view[off:off + length],
+                  data if last else None)
+        off += length
+        datasn += 1
+    return datasn
+
+
 class TaskTable:
     def __init__(self) -> None:
         self._tasks: dict[int, Task] = {}
@@ -272,6 +286,9 @@ class TaskTable:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def __contains__(self, itt: int) -> bool:
+        return itt in self._tasks
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._tasks.values()))

@@ -97,6 +97,35 @@ def _caw_task(req: BlockRequest) -> ScsiTask:
 
 
 # -- READ / WRITE -------------------------------------------------------------------------
+_PLAIN_FLAGS = frozenset((0, FUA, 0x10, 0x10 | FUA))  # only DPO and FUA may be set
+
+
+def plain_read_write(lu: LogicalUnit, cdb: Any, nexus: str) -> BlockRequest | None:
+    """The BlockRequest of a READ or WRITE (10/16) needing nothing else from the SCSI layer.
+
+    A transport's fast path may execute it directly, bypassing ``ScsiTarget.execute``.  Returns
+    None whenever ``execute`` could answer anything but GOOD with exactly this request (a
+    pending unit attention, a set reserved bit, a range or length problem, a read-only LU...):
+    the general path then decides.  A WRITE's ``data`` is left for the caller to fill.
+    """
+    op = cdb[0]
+    if op == 0x28 or op == 0x2A:
+        _, flags, lba, group, n, control = RW10.unpack_from(cdb)
+    elif op == 0x88 or op == 0x8A:
+        _, flags, lba, n, group, control = RW16.unpack_from(cdb)
+    else:
+        return None
+    if ((lu.ua and nexus in lu.ua) or flags not in _PLAIN_FLAGS or group or control or not n
+            or lba + n > lu.params.blocks or n > max_transfer_blocks(lu)):
+        return None
+    p = lu.params
+    if op & 0x02:
+        if p.read_only:
+            return None
+        return BlockRequest(WRITE, lba, n, None, bool(flags & FUA) or not p.write_cache)
+    return BlockRequest(READ, lba, n, None, bool(flags & FUA))
+
+
 def _read(lu: LogicalUnit, flags: int, lba: int, n: int) -> Result:
     if flags & PROTECT:
         raise illegal(INVALID_FIELD_IN_CDB, 1, 7)

@@ -168,6 +168,12 @@ class ScsiTarget:
         return [s for s in SPECS if thin or not s.thin_only]
 
     # -- LUN map --------------------------------------------------------------------------
+    def attach(self, nexus: str) -> None:
+        """Make ``nexus`` known (for unit attentions) before any command of it runs, so a
+        transport's fast path may skip ``execute``."""
+        if nexus not in self._nexuses:
+            self._attach(nexus)
+
     def _attach(self, nexus: str) -> None:
         self._nexuses.add(nexus)
         for lu in self.luns.values():
