@@ -46,7 +46,7 @@ MAX_COMMAND_BYTES = 32 << 20
 HIGH_WATER = 4 << 20
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, registry: TargetRegistry, portal: Portal) -> None:
         self.registry = registry
         self.portal = portal
@@ -93,10 +93,22 @@ class Connection(asyncio.Protocol):
                                   admit=self._admit, cmd_window=self.registry.window)
         self._watch = self._loop.call_later(self.registry.login_timeout, self._login_timeout)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The socket reads straight into the PDU reader's buffer: no bytes object per read.
+        return self.reader.writable()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.commit(nbytes)
+        self._process()
+
     def data_received(self, data: bytes) -> None:
+        """Bytes from elsewhere than the socket (tests, benchmarks): same processing."""
+        self.reader.feed(data)
+        self._process()
+
+    def _process(self) -> None:
         self.last_rx = time.monotonic()
         reader = self.reader
-        reader.feed(data)
         try:
             while not self.closing:
                 item = reader.next_pdu()

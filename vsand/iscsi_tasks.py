@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsand.iscsi")
 
 MAX_COMMAND_BYTES = 32 << 20
+_NO_DATA = memoryview(b"")
 
 
 def _sense(key: int, asc: int, ascq: int) -> bytes:
@@ -82,6 +83,9 @@ class Task:
                 assert self.buf is not None
                 self.buf[:imm] = cmd.data
             self.received = imm
+            # The immediate data is a view into the receive buffer: let it go now that it is
+            # copied, so the receive buffer can be reused in place.
+            cmd.data = _NO_DATA
         self._progress()
 
     def _ensure_buffer(self) -> None:

@@ -13,6 +13,9 @@ from .pdu import BHS_LEN, PduError, RejectReason, padded, pad_for, peek_lengths
 
 Digest = Callable[[bytes | bytearray | memoryview], int]
 MAX_AHS = 1024  # TotalAHSLength can say 1020 bytes at most
+_EMPTY = memoryview(b"")
+MIN_CAPACITY = 64 * 1024
+MIN_ROOM = 16 * 1024
 
 
 class DigestError(Exception):
@@ -23,75 +26,110 @@ class DigestError(Exception):
 
 
 class PduReader:
-    """Accumulates received bytes; ``next_pdu`` returns (bhs, ahs, data) once a PDU is whole."""
+    """Accumulates received bytes; ``next_pdu`` returns (bhs, ahs, data) once a PDU is whole.
 
-    __slots__ = ("_buf", "_pos", "max_data", "header_digest", "data_digest")
+    Bytes live in one preallocated buffer that the socket can read straight into
+    (``writable``/``commit``, for ``asyncio.BufferedProtocol``) or that ``feed`` copies into.
+    Data segments are handed out as views of it, not copies, so a write payload is copied once,
+    to its destination.  The buffer is never changed in place while such a view may be alive:
+    when room is needed and a view is still held, the unread bytes move to a fresh buffer and
+    the holder keeps the old one.
+    """
+
+    __slots__ = ("_buf", "_pos", "_end", "max_data", "header_digest", "data_digest")
 
     def __init__(self, max_data: int = 8192) -> None:
-        self._buf = bytearray()
-        self._pos = 0
         self.max_data = max_data
+        self._buf = bytearray(self._capacity())
+        self._pos = 0
+        self._end = 0
         self.header_digest: Digest | None = None
         self.data_digest: Digest | None = None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos >= len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+    def _capacity(self) -> int:
+        # Two of the largest PDUs this side accepts: one being parsed, one arriving.
+        return max(MIN_CAPACITY, 2 * (BHS_LEN + MAX_AHS + 8 + padded(self.max_data)))
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
+
+    def writable(self, min_room: int = MIN_ROOM) -> memoryview:
+        """Where the next received bytes go; follow with ``commit(n)``."""
+        if len(self._buf) - self._end < min_room:
+            self._make_room(min_room)
+        return memoryview(self._buf)[self._end:]
+
+    def commit(self, n: int) -> None:
+        self._end += n
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if len(self._buf) - self._end < n:
+            self._make_room(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def _make_room(self, room: int) -> None:
+        unread = self._end - self._pos
+        size = max(self._capacity(), unread + room)
+        buf = self._buf
+        if size <= len(buf) and _unshared(buf):
+            if unread:
+                buf[:unread] = buf[self._pos:self._end]
+        else:
+            fresh = bytearray(size)
+            if unread:
+                fresh[:unread] = memoryview(buf)[self._pos:self._end]
+            self._buf = fresh
+        self._pos = 0
+        self._end = unread
 
     def next_pdu(self) -> tuple[bytes, bytes, memoryview] | None:
-        buf = self._buf
         pos = self._pos
-        avail = len(buf) - pos
-        if avail < BHS_LEN:
-            self._compact()
+        if self._end - pos < BHS_LEN:
             return None
-        head = peek_lengths(memoryview(buf)[pos:pos + 8])
+        buf = self._buf
+        view = memoryview(buf)
+        head = peek_lengths(view[pos:pos + 8])
         hd = 4 if self.header_digest else 0
         dd = 4 if self.data_digest and head.data_len else 0
         if head.data_len > self.max_data:
             raise PduError(RejectReason.PROTOCOL_ERROR,
                            f"data segment of {head.data_len} bytes exceeds the declared "
                            f"MaxRecvDataSegmentLength {self.max_data}",
-                           bytes(buf[pos:pos + BHS_LEN]), fatal=True)
+                           bytes(view[pos:pos + BHS_LEN]), fatal=True)
         data_at = pos + BHS_LEN + head.ahs_len + hd
         end = data_at + padded(head.data_len) + dd
-        if len(buf) < end:
-            self._compact()
-            return None
-        view = memoryview(buf)
+        if self._end < end:
+            return None  # the next writable()/feed() makes room for the rest
         bhs = bytes(view[pos:pos + BHS_LEN])
         ahs = bytes(view[pos + BHS_LEN:pos + BHS_LEN + head.ahs_len]) if head.ahs_len else b""
         if hd:
             assert self.header_digest is not None
-            got = int.from_bytes(buf[data_at - 4:data_at], "little")
+            got = int.from_bytes(view[data_at - 4:data_at], "little")
             if self.header_digest(view[pos:data_at - 4]) != got:
                 # The lengths cannot be trusted either: the connection must go.
-                view.release()
                 self._pos = end
                 raise DigestError(bhs, True)
-        data = bytes(view[data_at:data_at + head.data_len]) if head.data_len else b""
+        data = view[data_at:data_at + head.data_len] if head.data_len else _EMPTY
         self._pos = end
         if dd:
             assert self.data_digest is not None
-            got = int.from_bytes(buf[end - 4:end], "little")
-            ok = self.data_digest(view[data_at:end - 4]) == got
-            if not ok:
-                view.release()
+            got = int.from_bytes(view[end - 4:end], "little")
+            if self.data_digest(view[data_at:end - 4]) != got:
                 raise DigestError(bhs, False)
-        view.release()
-        return bhs, ahs, memoryview(data)
+        return bhs, ahs, data
 
-    def _compact(self) -> None:
-        # Dropping the consumed prefix keeps the buffer bounded by one PDU plus one read.
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
+
+def _unshared(buf: bytearray) -> bool:
+    """True when no view of ``buf`` is alive: a bytearray cannot resize while one is."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    buf.pop()
+    return True
 
 
 def frame(header: bytes, data: bytes | bytearray | memoryview | None,

@@ -91,7 +91,7 @@ class FileBackend(Backend):
         io_threads: int = 8,
         executor: Executor | None = None,
         pool: BufferPool | None = None,
-        inline_write_max: int = 256 << 10,
+        inline_write_max: int = 1 << 20,
     ) -> None:
         self.path = os.fspath(path)
         self.block_size = block_size
