@@ -132,3 +132,38 @@ def test_fuzz_headers_of_every_opcode(op, b1, rest, ahs):
         pdu.decode(header, ahs[: (len(ahs) // 4) * 4], memoryview(b""))
     except PduError:
         pass
+
+
+def test_reader_views_stay_valid_while_held_and_buffer_stays_bounded():
+    r = PduReader(4096)
+    held = []
+    for i in range(200):
+        payload = bytes([i % 251]) * 4000
+        r.feed(whole(bhs(Op.NOP_OUT, itt=i, data_len=len(payload), immediate=True), payload))
+        item = r.next_pdu()
+        assert item is not None
+        if i % 3 == 0:
+            held.append((i, item[2]))  # keep some views alive across many feeds
+    for i, view in held:
+        assert bytes(view) == bytes([i % 251]) * 4000
+    held.clear()
+    assert r.buffered == 0
+    assert len(r._buf) <= 64 * 1024  # reused in place once no view is held
+
+
+def test_reader_writable_commit_path_matches_feed():
+    stream = b"".join(whole(bhs(Op.NOP_OUT, itt=i, data_len=i, immediate=True), bytes(i))
+                      for i in range(1, 60))
+    r = PduReader(8192)
+    got = []
+    pos = 0
+    while pos < len(stream):
+        room = r.writable()
+        n = min(len(room), 777, len(stream) - pos)
+        room[:n] = stream[pos:pos + n]
+        del room
+        r.commit(n)
+        pos += n
+        while (item := r.next_pdu()) is not None:
+            got.append(pdu.decode(*item).itt)
+    assert got == list(range(1, 60))
