@@ -1,0 +1,25 @@
+"""Integration test rig: real targets (vsand, tgt) and real initiators (libiscsi, qemu).
+
+Shared by ``tests/integration`` and ``bench/run.py``. Nothing here talks to anything but
+127.0.0.1, and every wait is bounded by a deadline.
+"""
+
+from .procs import (
+    DaemonError,
+    LunSpec,
+    Target,
+    TgtTarget,
+    VsandTarget,
+    free_port,
+    wait_port,
+)
+
+__all__ = [
+    "DaemonError",
+    "LunSpec",
+    "Target",
+    "TgtTarget",
+    "VsandTarget",
+    "free_port",
+    "wait_port",
+]
