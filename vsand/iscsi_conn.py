@@ -143,6 +143,10 @@ class Connection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("%s: internal error while handling a PDU; closing", self.peer)
             self.close()
+        # Answers to everything that completed while handling this read go out now, in one
+        # writelines, rather than one loop iteration later.
+        if self._out:
+            self.flush()
 
     def eof_received(self) -> bool | None:
         return None
