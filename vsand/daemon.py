@@ -19,6 +19,7 @@ from .backends.file import FileBackend
 from .config import Config, dump_config
 from .iscsi_conn import Connection
 from .lun import Lun
+from .metrics import start_metrics
 from .protocol.iscsi.login import TargetOffer
 from .protocol.scsi.types import LunParams
 from .targets import Portal, TargetNode, TargetRegistry
@@ -100,6 +101,10 @@ class Daemon:
             await self.admin.start()
         except OSError as e:
             log.warning("admin socket %s unavailable: %s", self.config.admin_socket, e)
+        try:
+            start_metrics(self, self.config.metrics_listen)
+        except OSError as e:
+            log.warning("metrics endpoint %s unavailable: %s", self.config.metrics_listen, e)
 
     async def stop(self) -> None:
         for server in self.servers:
