@@ -20,6 +20,7 @@ from .config import Config, dump_config
 from .iscsi_conn import Connection
 from .lun import Lun
 from .metrics import start_metrics
+from .sdnotify import Notifier
 from .protocol.iscsi.login import TargetOffer
 from .protocol.scsi.types import LunParams
 from .targets import Portal, TargetNode, TargetRegistry
@@ -27,6 +28,7 @@ from .targets import Portal, TargetNode, TargetRegistry
 log = logging.getLogger("vsand")
 
 DRAIN_TIMEOUT = 10.0
+STATUS_INTERVAL = 2.0
 
 
 def naa_for_serial(serial: str) -> bytes:
@@ -139,11 +141,37 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        notifier = Notifier()
         await self.start()
         log.info("vsand ready")
+        notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        notifier.start_watchdog()
+        status_task = loop.create_task(self._report_status(notifier)) if notifier.enabled \
+            else None
         await stop.wait()
         log.info("shutting down")
+        notifier.notify("STOPPING=1", "STATUS=finishing commands in flight")
+        if status_task is not None:
+            status_task.cancel()
         await self.stop()
+        notifier.close()
+
+    def status_line(self) -> str:
+        reg = self.registry
+        if reg is None:
+            return "starting"
+        luns = sum(len(t.luns) for t in reg.targets.values())
+        return (f"serving {len(reg.targets)} target(s), {luns} LUN(s); "
+                f"{len(reg.sessions)} session(s)")
+
+    async def _report_status(self, notifier: Notifier) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            line = self.status_line()
+            if line != last:
+                notifier.notify(f"STATUS={line}")
+                last = line
 
 
 def run(config: Config) -> int:
