@@ -35,6 +35,8 @@ class BlockRequest:
     # when the pattern is all zeroes.
     ranges: tuple[tuple[int, int], ...] = field(default_factory=tuple)
     unmap: bool = False
+    # Another LUN of the same target (EXTENDED COPY); None = the command's LUN.
+    lun: int | None = None
 
 
 class ExtentState(enum.IntEnum):
@@ -56,4 +58,5 @@ class Extent:
 #                         byte offset of the first mismatch within the verify data
 #   LBA_STATUS         -> list[Extent], starting at ``lba``, contiguous, at least one
 # Failures are raised by the executor as OSError with an errno; the frontend maps errno to its
-# own error (see protocol.scsi.sense.sense_for_errno).
+# own error (see protocol.scsi.sense.sense_for_errno).  A request whose ``lun`` names no LUN of
+# the target fails with ENODEV.

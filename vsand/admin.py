@@ -2,7 +2,7 @@
 
 The socket is created mode 0600 in a directory only root can enter by default, so only root
 (or the daemon's own user) can manage the daemon.  Requests: {"cmd": "status" | "sessions" |
-"luns"}.  Replies: {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
+"luns" | "alua", "args": {...}}.  Replies: {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
 """
 
 from __future__ import annotations
@@ -73,11 +73,38 @@ class AdminServer:
             cmd = req["cmd"] if isinstance(req, dict) else None
         except (ValueError, KeyError):
             return {"ok": False, "error": "a request is one JSON object with a \"cmd\" key"}
-        handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns}.get(cmd)
+        handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
+                   "alua": self.alua}.get(cmd)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} "
-                                          "(known: status, sessions, luns)"}
-        return {"ok": True, "result": handler()}
+                                          "(known: status, sessions, luns, alua)"}
+        try:
+            return {"ok": True, "result": handler(**req.get("args", {}))}
+        except (TypeError, ValueError, KeyError) as e:
+            return {"ok": False, "error": f"{cmd}: {e}"}
+
+    def alua(self, target: str = "", lun: int | None = None,
+             state: str = "") -> list[dict[str, Any]]:
+        """Show, or with ``state`` set, the ALUA access state of matching LUNs."""
+        from .protocol.scsi import alua
+        if state and state not in alua.STATES:
+            raise ValueError(f"state {state!r} is not one of {', '.join(alua.STATES)}")
+        reg = self.daemon.registry
+        out = []
+        for t in (reg.targets.values() if reg else []):
+            if target and t.name != target:
+                continue
+            for n, l in sorted(t.luns.items()):
+                if lun is not None and n != lun:
+                    continue
+                if state and alua.set_state(l.unit, alua.STATES[state]):
+                    log.info("ALUA state of %s LUN %d set to %s", t.name, n, state)
+                out.append({"target": t.name, "lun": n,
+                            "state": alua.STATE_NAMES[l.unit.alua_state],
+                            "port_group": l.unit.params.port_group})
+        if not out:
+            raise KeyError(f"no LUN matches target={target or '*'} lun={lun}")
+        return out
 
     def status(self) -> dict[str, Any]:
         d = self.daemon
@@ -119,13 +146,13 @@ class AdminServer:
         return out
 
 
-def request(path: str, cmd: str, timeout: float = 10.0) -> Any:
+def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     """Client side, for vsanctl: send one request and return the result (or raise)."""
     import socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = sock.recv(65536)

@@ -27,10 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-s", "--socket", default=DEFAULT_SOCKET,
                         help=f"admin socket (default {DEFAULT_SOCKET}; the config's admin_socket)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.add_argument("command", choices=["status", "sessions", "luns"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("status", "daemon, portals, sessions"), ("sessions", "iSCSI sessions"),
+                       ("luns", "LUNs and their I/O counters")):
+        sub.add_parser(name, help=text)
+    a = sub.add_parser("alua", help="show or set the ALUA access state of LUNs (testing, drills)")
+    a.add_argument("--target", default="", help="target IQN (default: all)")
+    a.add_argument("--lun", type=int, help="LUN number (default: all)")
+    a.add_argument("state", nargs="?", default="",
+                   help="active-optimized, active-non-optimized, standby, unavailable, "
+                        "transitioning")
     args = parser.parse_args(argv)
+    extra: dict[str, Any] = {}
+    if args.command == "alua":
+        extra = {"target": args.target, "lun": args.lun, "state": args.state}
     try:
-        result = request(args.socket, args.command)
+        result = request(args.socket, args.command, **extra)
     except (OSError, RuntimeError, ValueError) as e:
         print(f"vsanctl: {args.socket}: {e}", file=sys.stderr)
         return 1
@@ -41,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:>14}: {v}")
     elif args.command == "sessions":
         print(_table(result, ["tsih", "initiator", "isid", "target", "peer", "tasks"]))
+    elif args.command == "alua":
+        print(_table(result, ["target", "lun", "state", "port_group"]))
     else:
         print(_table(result, ["target", "lun", "path", "blocks", "block_size", "read_only",
                               "read_ops", "write_ops"]))

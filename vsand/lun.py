@@ -8,7 +8,8 @@ generator (``ScsiTask``) for the rest.  ``run_scsi`` drives that generator: each
 backend) and its result is sent back in; an ``OSError`` is thrown in so the command can react,
 and one that escapes the command becomes CHECK CONDITION through ``sense_for_errno``.  Nothing
 but a ``ScsiResult`` ever leaves ``run_scsi``: a bug in a handler answers HARDWARE ERROR /
-INTERNAL TARGET FAILURE and is logged, the session goes on.
+INTERNAL TARGET FAILURE and is logged, the session goes on.  A request whose ``lun`` is set
+(EXTENDED COPY) runs on that LUN of the target (ENODEV if it is gone), on the async path.
 
 Read buffers: the READ result is a pooled ``memoryview`` (see ``vsand.backends.base``) and ends
 up, possibly sliced, as ``ScsiResult.data``.  Once the transport no longer needs the bytes (the
@@ -255,24 +256,30 @@ def start_scsi(target: ScsiTarget, cmd: ScsiCommand,
             raise RuntimeError(f"command for LUN {cmd.lun} yielded I/O but no such LUN")
         req = next(task)  # type: ignore[arg-type]
         while True:
+            if req.lun is not None:
+                # I/O on a LUN named by the request (EXTENDED COPY): the async path routes it.
+                return _finish(task, req, lun, cmd, luns)  # type: ignore[arg-type]
             try:
                 result = lun.try_block(req)
             except OSError as e:
                 req = task.throw(e)  # type: ignore[union-attr]
                 continue
             if result is NOT_DONE:
-                return _finish(task, req, lun, cmd)  # type: ignore[arg-type]
+                return _finish(task, req, lun, cmd, luns)  # type: ignore[arg-type]
             req = task.send(result)  # type: ignore[union-attr]
     except BaseException as e:  # noqa: B036 - StopIteration carries the result
         return _outcome(e, req, cmd)
 
 
 async def _finish(task: Generator[BlockRequest, Any, ScsiResult], req: BlockRequest, lun: Lun,
-                  cmd: ScsiCommand) -> ScsiResult:
+                  cmd: ScsiCommand, luns: dict[int, Lun]) -> ScsiResult:
     try:
         while True:
             try:
-                result = await lun.execute_block(req)
+                if req.lun is None:
+                    result = await lun.execute_block(req)
+                else:
+                    result = await _execute_on(luns, req)
             except OSError as e:
                 req = task.throw(e)
             else:
@@ -281,6 +288,17 @@ async def _finish(task: Generator[BlockRequest, Any, ScsiResult], req: BlockRequ
         raise
     except BaseException as e:  # noqa: B036
         return _outcome(e, req, cmd)
+
+
+async def _execute_on(luns: dict[int, Lun], req: BlockRequest) -> Any:
+    """A request addressed to a LUN by number (EXTENDED COPY's copy targets)."""
+    other = luns.get(req.lun)  # type: ignore[arg-type]
+    if other is None:
+        raise OSError(errno.ENODEV, f"no LUN {req.lun}")
+    # A copy runs as many chunked requests that the page cache may serve without suspending;
+    # giving the loop a turn per chunk keeps a long copy from starving other sessions.
+    await asyncio.sleep(0)
+    return await other.execute_block(req)
 
 
 def _outcome(e: BaseException, req: BlockRequest | None, cmd: ScsiCommand) -> ScsiResult:

@@ -54,6 +54,10 @@ class OpSpec:
     no_lu: bool = False  # also answered for a LUN that does not exist
     ua_exempt: bool = False  # INQUIRY, REPORT LUNS, REQUEST SENSE (SPC-5 5.14)
     thin_only: bool = False  # exists only when the LU supports logical block provisioning
+    # Reservation conflict class (see protocol/scsi/pr.py): "a" never conflicts, "A" only
+    # with another nexus' RESERVE(6), "R" read, "W" write (the default, SPC-5's "C C A C C"),
+    # "S" START STOP UNIT, "P" PERSISTENT RESERVE IN/OUT, "L" RESERVE/RELEASE.
+    pr: str = "W"
     timeout: int = 30  # recommended command timeout, seconds (RCTD)
     length: int = field(init=False)
     reserved: int = field(init=False)  # mask of reserved bits over CDB bytes 1 .. length-2

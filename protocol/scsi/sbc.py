@@ -105,8 +105,9 @@ def plain_read_write(lu: LogicalUnit, cdb: Any, nexus: str) -> BlockRequest | No
 
     A transport's fast path may execute it directly, bypassing ``ScsiTarget.execute``.  Returns
     None whenever ``execute`` could answer anything but GOOD with exactly this request (a
-    pending unit attention, a set reserved bit, a range or length problem, a read-only LU...):
-    the general path then decides.  A WRITE's ``data`` is left for the caller to fill.
+    pending unit attention, a reservation, a set reserved bit, a range or length problem, a
+    read-only LU...): the general path then decides.  A WRITE's ``data`` is left for the
+    caller to fill.
     """
     op = cdb[0]
     if op == 0x28 or op == 0x2A:
@@ -115,8 +116,11 @@ def plain_read_write(lu: LogicalUnit, cdb: Any, nexus: str) -> BlockRequest | No
         _, flags, lba, n, group, control = RW16.unpack_from(cdb)
     else:
         return None
-    if ((lu.ua and nexus in lu.ua) or flags not in _PLAIN_FLAGS or group or control or not n
-            or lba + n > lu.params.blocks or n > max_transfer_blocks(lu)):
+    # Any reservation (persistent or SPC-2) sends the command the general way, where
+    # ScsiTarget.execute decides whether it conflicts.
+    if ((lu.ua and nexus in lu.ua) or lu.pr.active or lu.alua_state > 1
+            or flags not in _PLAIN_FLAGS or group
+            or control or not n or lba + n > lu.params.blocks or n > max_transfer_blocks(lu)):
         return None
     p = lu.params
     if op & 0x02:

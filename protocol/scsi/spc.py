@@ -25,6 +25,7 @@ from .sense import (
 )
 from .types import ScsiCommand, ScsiResult, Status
 from .unit import LogicalUnit
+from .xcopy import vpd_third_party_copy
 
 if TYPE_CHECKING:
     from .cdb import OpSpec
@@ -35,7 +36,7 @@ GOOD = Status.GOOD
 # Version descriptors (SPC-5 table 147): SAM-5, SPC-5, SBC-4, iSCSI, and SBC-3 because some
 # initiators and test suites (libiscsi) only enable SBC-3 features when it is claimed.
 _VERSION_DESCRIPTORS = (0x00A0, 0x05C0, 0x0600, 0x04C0, 0x0960)
-_VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
+_VPD_PAGES = (0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2)
 MAX_COMPARE_AND_WRITE_BLOCKS = 64  # VPD B0; keeps the atomic compare region small
 
 
@@ -156,6 +157,7 @@ def _vpd_supported(lu: LogicalUnit) -> bytes:
 _VPD_BUILDERS: dict[int, Callable[[LogicalUnit], bytes]] = {
     0x80: _vpd_serial,
     0x83: _vpd_device_id,
+    0x8F: vpd_third_party_copy,
     0xB0: _vpd_block_limits,
     0xB1: _vpd_characteristics,
     0xB2: _vpd_provisioning,
@@ -299,8 +301,8 @@ def report_target_port_groups(target: ScsiTarget, lu: LogicalUnit,
         raise illegal(INVALID_FIELD_IN_CDB, 1, 7)
     p = lu.params
     # One group per node; this node reports the group it is.  Supported states: transitioning,
-    # unavailable, active/non-optimized, active/optimized (T_SUP|U_SUP|AN_SUP|AO_SUP).
-    desc = bytes((0x80 | lu.alua_state, 0x8B)) + U16.pack(p.port_group & 0xFFFF)
+    # unavailable, standby, active/non-optimized, active/optimized (T|U|S|AN|AO_SUP).
+    desc = bytes((0x80 | lu.alua_state, 0x8F)) + U16.pack(p.port_group & 0xFFFF)
     desc += bytes((0, 0, 0, 1)) + bytes(2) + U16.pack(p.relative_port & 0xFFFF)
     if fmt == 1:
         data = U32.pack(len(desc) + 4) + bytes((0x10, 0, 0, 0)) + desc

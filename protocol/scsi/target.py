@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from . import sbc, spc
+from . import alua, pr, sbc, spc, xcopy
 from .cdb import OpSpec, check_cdb
 from .sense import (
     BUS_DEVICE_RESET_FUNCTION_OCCURRED,
@@ -46,53 +46,81 @@ RD = 0xFE  # RDPROTECT, DPO, FUA, RARC, FUA_NV
 WR = 0xFA  # WRPROTECT, DPO, FUA, FUA_NV
 VR = 0xF6  # VRPROTECT/WRPROTECT, DPO, BYTCHK
 
+# PERSISTENT RESERVE IN / OUT, one row per service action.  REPORT CAPABILITIES passes even
+# an SPC-2 reservation (class "a"); the rest conflict with one (SPC-5 5.14.3).
+_PRIN = ("READ KEYS", "READ RESERVATION", "REPORT CAPABILITIES", "READ FULL STATUS")
+_PROUT = ("REGISTER", "RESERVE", "RELEASE", "CLEAR", "PREEMPT", "PREEMPT AND ABORT",
+          "REGISTER AND IGNORE EXISTING KEY", "REGISTER AND MOVE")
+PR_SPECS: tuple[OpSpec, ...] = (
+    *(OpSpec(f"PERSISTENT RESERVE IN {n}", pr.persistent_reserve_in,
+             _u(0x5E, sa, 0, 0, 0, 0, 0, N2, CTL), sa=sa, pr="a" if sa == 2 else "P")
+      for sa, n in enumerate(_PRIN)),
+    *(OpSpec(f"PERSISTENT RESERVE OUT {n}", pr.persistent_reserve_out,
+             _u(0x5F, sa, 0xFF, 0, 0, N4, CTL), sa=sa, pr="P")
+      for sa, n in enumerate(_PROUT)),
+)
+
 # The table.  The CDB usage data doubles as the reserved-bit mask (see OpSpec).
 SPECS: tuple[OpSpec, ...] = (
-    OpSpec("TEST UNIT READY", spc.test_unit_ready, _u(0x00, 0, 0, 0, 0, CTL)),
+    OpSpec("TEST UNIT READY", spc.test_unit_ready, _u(0x00, 0, 0, 0, 0, CTL), pr="A"),
     OpSpec("REQUEST SENSE", spc.request_sense, _u(0x03, 0x01, 0, 0, 0xFF, CTL),
-           no_lu=True, ua_exempt=True),
-    OpSpec("READ(6)", sbc.read6, _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, CTL)),
+           no_lu=True, ua_exempt=True, pr="a"),
+    OpSpec("READ(6)", sbc.read6, _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, CTL), pr="R"),
     OpSpec("WRITE(6)", sbc.write6, _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, CTL)),
     OpSpec("INQUIRY", spc.inquiry, _u(0x12, 0x01, 0xFF, 0xFF, 0xFF, CTL),
-           no_lu=True, ua_exempt=True),
+           no_lu=True, ua_exempt=True, pr="a"),
     OpSpec("MODE SELECT(6)", spc.mode_select6, _u(0x15, 0x11, 0, 0, 0xFF, CTL)),
+    # SPC-2 reservations of the whole LU: no extents, no third-party bits.
+    OpSpec("RESERVE(6)", pr.reserve, _u(0x16, 0, 0, 0, 0, CTL), pr="L"),
+    OpSpec("RELEASE(6)", pr.release, _u(0x17, 0, 0, 0, 0, CTL), pr="L"),
     OpSpec("MODE SENSE(6)", spc.mode_sense6, _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, CTL)),
-    OpSpec("START STOP UNIT", spc.start_stop_unit, _u(0x1B, 0x01, 0, 0x0F, 0xF7, CTL)),
-    OpSpec("READ CAPACITY(10)", sbc.read_capacity10, _u(0x25, 0, LBA4, 0, 0, 0x01, CTL)),
-    OpSpec("READ(10)", sbc.read10, _u(0x28, RD, LBA4, GRP, N2, CTL)),
+    OpSpec("START STOP UNIT", spc.start_stop_unit, _u(0x1B, 0x01, 0, 0x0F, 0xF7, CTL),
+           pr="S"),
+    OpSpec("READ CAPACITY(10)", sbc.read_capacity10, _u(0x25, 0, LBA4, 0, 0, 0x01, CTL),
+           pr="A"),
+    OpSpec("READ(10)", sbc.read10, _u(0x28, RD, LBA4, GRP, N2, CTL), pr="R"),
     OpSpec("WRITE(10)", sbc.write10, _u(0x2A, WR, LBA4, GRP, N2, CTL)),
     OpSpec("WRITE AND VERIFY(10)", sbc.write_and_verify, _u(0x2E, VR, LBA4, GRP, N2, CTL)),
-    OpSpec("VERIFY(10)", sbc.verify, _u(0x2F, VR, LBA4, GRP, N2, CTL)),
-    OpSpec("PRE-FETCH(10)", sbc.prefetch, _u(0x34, 0x02, LBA4, GRP, N2, CTL)),
+    OpSpec("VERIFY(10)", sbc.verify, _u(0x2F, VR, LBA4, GRP, N2, CTL), pr="R"),
+    OpSpec("PRE-FETCH(10)", sbc.prefetch, _u(0x34, 0x02, LBA4, GRP, N2, CTL), pr="R"),
     OpSpec("SYNCHRONIZE CACHE(10)", sbc.synchronize_cache, _u(0x35, 0x06, LBA4, GRP, N2, CTL)),
     OpSpec("WRITE SAME(10)", sbc.write_same10, _u(0x41, 0xF8, LBA4, GRP, N2, CTL)),
     OpSpec("UNMAP", sbc.unmap, _u(0x42, 0x01, 0, 0, 0, 0, GRP, N2, CTL), thin_only=True),
     OpSpec("MODE SELECT(10)", spc.mode_select10, _u(0x55, 0x11, 0, 0, 0, 0, 0, N2, CTL)),
+    OpSpec("RESERVE(10)", pr.reserve, _u(0x56, 0, 0, 0, 0, 0, 0, 0, 0, CTL), pr="L"),
+    OpSpec("RELEASE(10)", pr.release, _u(0x57, 0, 0, 0, 0, 0, 0, 0, 0, CTL), pr="L"),
     OpSpec("MODE SENSE(10)", spc.mode_sense10, _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, N2, CTL)),
-    OpSpec("READ(16)", sbc.read16, _u(0x88, RD, LBA8, N4, GRP, CTL)),
+    *PR_SPECS,
+    OpSpec("EXTENDED COPY(LID1)", xcopy.extended_copy,
+           _u(0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, N4, 0, CTL), sa=0x00, timeout=120),
+    *(OpSpec(f"RECEIVE COPY RESULTS {n}", xcopy.receive_copy_results,
+             _u(0x84, sa, 0xFF, 0, 0, 0, 0, 0, 0, 0, N4, 0, CTL), sa=sa, pr="A")
+      for sa, n in ((0x00, "COPY STATUS"), (0x01, "RECEIVE DATA"),
+                    (0x03, "OPERATING PARAMETERS"), (0x04, "FAILED SEGMENT DETAILS"))),
+    OpSpec("READ(16)", sbc.read16, _u(0x88, RD, LBA8, N4, GRP, CTL), pr="R"),
     OpSpec("COMPARE AND WRITE", sbc.compare_and_write,
            _u(0x89, WR, LBA8, 0, 0, 0, 0xFF, GRP, CTL)),
     OpSpec("WRITE(16)", sbc.write16, _u(0x8A, WR, LBA8, N4, GRP, CTL)),
     OpSpec("ORWRITE(16)", sbc.orwrite, _u(0x8B, WR, LBA8, N4, GRP, CTL)),
     OpSpec("WRITE AND VERIFY(16)", sbc.write_and_verify, _u(0x8E, VR, LBA8, N4, GRP, CTL)),
-    OpSpec("VERIFY(16)", sbc.verify, _u(0x8F, VR, LBA8, N4, GRP, CTL)),
-    OpSpec("PRE-FETCH(16)", sbc.prefetch, _u(0x90, 0x02, LBA8, N4, GRP, CTL)),
+    OpSpec("VERIFY(16)", sbc.verify, _u(0x8F, VR, LBA8, N4, GRP, CTL), pr="R"),
+    OpSpec("PRE-FETCH(16)", sbc.prefetch, _u(0x90, 0x02, LBA8, N4, GRP, CTL), pr="R"),
     OpSpec("SYNCHRONIZE CACHE(16)", sbc.synchronize_cache, _u(0x91, 0x06, LBA8, N4, GRP, CTL)),
     OpSpec("WRITE SAME(16)", sbc.write_same16, _u(0x93, 0xF9, LBA8, N4, GRP, CTL)),
     OpSpec("READ CAPACITY(16)", sbc.read_capacity16, _u(0x9E, 0x10, LBA8, N4, 0x01, CTL),
-           sa=0x10),
+           sa=0x10, pr="A"),
     OpSpec("GET LBA STATUS", sbc.get_lba_status, _u(0x9E, 0x12, LBA8, N4, 0x03, CTL),
-           sa=0x12, thin_only=True),
+           sa=0x12, thin_only=True, pr="R"),
     OpSpec("REPORT LUNS", spc.report_luns, _u(0xA0, 0, 0xFF, 0, 0, 0, N4, 0, CTL),
-           no_lu=True, ua_exempt=True),
+           no_lu=True, ua_exempt=True, pr="a"),
     OpSpec("REPORT TARGET PORT GROUPS", spc.report_target_port_groups,
-           _u(0xA3, 0xEA, 0, 0, 0, 0, N4, 0, CTL), sa=0x0A),
+           _u(0xA3, 0xEA, 0, 0, 0, 0, N4, 0, CTL), sa=0x0A, pr="A"),
     OpSpec("REPORT SUPPORTED OPERATION CODES", spc.report_supported_opcodes,
            _u(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, N4, 0, CTL), sa=0x0C),
-    OpSpec("READ(12)", sbc.read12, _u(0xA8, RD, LBA4, N4, GRP, CTL)),
+    OpSpec("READ(12)", sbc.read12, _u(0xA8, RD, LBA4, N4, GRP, CTL), pr="R"),
     OpSpec("WRITE(12)", sbc.write12, _u(0xAA, WR, LBA4, N4, GRP, CTL)),
     OpSpec("WRITE AND VERIFY(12)", sbc.write_and_verify, _u(0xAE, VR, LBA4, N4, GRP, CTL)),
-    OpSpec("VERIFY(12)", sbc.verify, _u(0xAF, VR, LBA4, N4, GRP, CTL)),
+    OpSpec("VERIFY(12)", sbc.verify, _u(0xAF, VR, LBA4, N4, GRP, CTL), pr="R"),
 )
 
 
@@ -121,6 +149,7 @@ class ScsiTarget:
     def __init__(self, luns: dict[int, LogicalUnit] | None = None) -> None:
         self.luns: dict[int, LogicalUnit] = dict(luns or {})
         self._nexuses: set[str] = set()
+        self.copy_manager = xcopy.CopyManager()  # EXTENDED COPY list IDs per nexus
 
     # -- command execution ----------------------------------------------------------------
     def execute(self, cmd: ScsiCommand) -> ScsiResult | ScsiTask:
@@ -146,11 +175,15 @@ class ScsiTarget:
                 ua = lu.pop_ua(nexus)
                 if ua is not None:
                     return _check_condition(CheckCondition(UNIT_ATTENTION, ua))
+            if lu is not None and lu.alua_state not in alua.ACTIVE:
+                alua.check_access(lu, cdb)
             if spec is None:
                 raise sa_error or illegal(INVALID_COMMAND_OPERATION_CODE, 0)
             check_cdb(spec, cdb)
             if spec.thin_only and lu is not None and not lu.params.thin:
                 raise illegal(INVALID_COMMAND_OPERATION_CODE, 0)
+            if lu is not None and lu.pr.active and lu.pr.conflicts(nexus, spec.pr, cdb):
+                return ScsiResult(Status.RESERVATION_CONFLICT)
             return spec.handler(self, lu, cmd)  # type: ignore[no-any-return]
         except CheckCondition as e:
             return _check_condition(e)
@@ -171,6 +204,8 @@ class ScsiTarget:
     def attach(self, nexus: str) -> None:
         """Make ``nexus`` known (for unit attentions) before any command of it runs, so a
         transport's fast path may skip ``execute``."""
+        # Called once per login: a new session is a new nexus, whose list IDs are free again.
+        self.copy_manager.forget(nexus)
         if nexus not in self._nexuses:
             self._attach(nexus)
 
@@ -205,16 +240,26 @@ class ScsiTarget:
         lu = self.luns.get(lun)
         if lu is not None:
             lu.reset_mode_pages()
+            lu.pr.drop_legacy()  # SPC-2 reservations end with a reset; persistent ones stay
             lu.raise_ua(BUS_DEVICE_RESET_FUNCTION_OCCURRED, exclude=nexus)
 
     def target_reset(self, nexus: str) -> None:
         """TARGET (WARM) RESET: a hard reset of every LU (SAM-5 6.3.2), 29/00 for the others."""
         for lu in self.luns.values():
             lu.reset_mode_pages()
+            lu.pr.drop_legacy()
             lu.raise_ua(POWER_ON_RESET, exclude=nexus)
 
     def nexus_lost(self, nexus: str) -> None:
         """I_T nexus loss (SAM-5 6.3.4): older UAs are moot; 29/07 waits for its return."""
+        self.copy_manager.forget(nexus)
         for lu in self.luns.values():
             lu.clear_ua(nexus)
+            lu.pr.drop_legacy(nexus)
             lu.raise_ua(I_T_NEXUS_LOSS_OCCURRED, only=nexus)
+
+    def nexus_closed(self, nexus: str) -> None:
+        """The I_T nexus ended cleanly (iSCSI logout): its SPC-2 reservations end with it;
+        registrations and persistent reservations outlive it (SPC-5 5.14.1)."""
+        for lu in self.luns.values():
+            lu.pr.drop_legacy(nexus)

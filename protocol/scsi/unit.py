@@ -9,6 +9,9 @@ MODE PARAMETERS CHANGED for the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from .pr import PrState
 from .sense import (
     CAPACITY_DATA_HAS_CHANGED,
     MODE_PARAMETERS_CHANGED,
@@ -38,6 +41,11 @@ class LogicalUnit:
         self.nexuses: set[str] = set()
         self.ua: dict[str, list[Asc]] = {}
         self.zero_block = bytes(params.block_size)
+        # Reservations (protocol/scsi/pr.py).  The daemon sets ``on_pr_change`` to keep the
+        # state across restarts when the initiator asked for it (APTPL); it gets the state's
+        # bytes, or None when nothing needs keeping any more.
+        self.pr = PrState()
+        self.on_pr_change: Callable[[bytes | None], None] | None = None
 
     # -- state the daemon reads and writes ------------------------------------------------
     @property

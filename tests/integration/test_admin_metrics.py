@@ -61,3 +61,43 @@ def test_metrics_move_and_vsanctl_reports(tmp_path) -> None:
         assert bad.returncode == 1 and "nope.sock" in bad.stderr
     finally:
         t.stop()
+
+
+def test_alua_state_set_with_vsanctl_reaches_initiators(tmp_path) -> None:
+    """Through the whole stack, fast path included: a read and a write get exactly the
+    state's CHECK CONDITION, after one ASYMMETRIC ACCESS STATE CHANGED unit attention."""
+    import struct
+
+    sock = str(tmp_path / "admin.sock")
+    t = VsandTarget(tmp_path, extra_config={"admin_socket": sock})
+    t.start()
+    try:
+        c = RawInitiator(t.port)
+        assert c.login(t.iqn).bhs[36:38] == b"\0\0"
+        read10 = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0)
+        write10 = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+
+        def answer(cdb: bytes, write: bool = False) -> tuple[int, int, int, int]:
+            c.command(cdb, edtl=512, read=not write, write=write,
+                      data=b"x" * 512 if write else b"")
+            p, _ = c.response()
+            st = p.bhs[3]
+            if st != 2:
+                return (st, 0, 0, 0)
+            return (st, p.data[2 + 2] & 0x0F, p.data[2 + 12], p.data[2 + 13])
+
+        assert answer(read10)[0] == 0
+        for state, ascq in (("standby", 0x0B), ("unavailable", 0x0C), ("transitioning", 0x0A)):
+            out = _ctl(sock, "alua", "--target", t.iqn, "--lun", "0", state)
+            assert out.returncode == 0 and state in out.stdout, out.stderr
+            assert answer(read10) == (2, 0x6, 0x2A, 0x06)
+            assert answer(read10) == (2, 0x2, 0x04, ascq)
+            assert answer(write10, write=True) == (2, 0x2, 0x04, ascq)
+        _ctl(sock, "alua", "active-optimized")
+        assert answer(read10) == (2, 0x6, 0x2A, 0x06)
+        assert answer(read10)[0] == 0 and answer(write10, write=True)[0] == 0
+        bad = _ctl(sock, "alua", "sideways")
+        assert bad.returncode == 1 and "not one of" in bad.stderr
+        c.close()
+    finally:
+        t.stop()

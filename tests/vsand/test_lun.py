@@ -183,6 +183,35 @@ async def test_oserror_thrown_into_task(lun: Lun) -> None:
     assert res.data == str(errno.ERANGE).encode()
 
 
+async def test_request_naming_a_lun_runs_there(lun: Lun, tmp_path: Path) -> None:
+    """EXTENDED COPY's requests carry the LUN they address; a missing one is ENODEV."""
+    path = tmp_path / "other.img"
+    FileBackend.create_sparse(path, MiB)
+    be = FileBackend(path, block_size=BS)
+    be.open()
+    try:
+        other = Lun.from_params(5, _params(be.size // BS), be)
+
+        def task(cmd: ScsiCommand) -> Generator[BlockRequest, Any, ScsiResult]:
+            yield BlockRequest(BlockOp.WRITE, lba=2, blocks=1, data=b"\x11" * BS)
+            yield BlockRequest(BlockOp.WRITE, lba=2, blocks=1, data=b"\x22" * BS, lun=5)
+            here = yield BlockRequest(BlockOp.READ, lba=2, blocks=1, lun=0)
+            there = yield BlockRequest(BlockOp.READ, lba=2, blocks=1, lun=5)
+            try:
+                yield BlockRequest(BlockOp.READ, lba=0, blocks=1, lun=9)
+            except OSError as e:
+                gone = e.errno
+            return ScsiResult(Status.GOOD, data=bytes(here) + bytes(there) + bytes((gone,)))
+
+        outcome = start_scsi(FakeTarget(task), _cmd(), {0: lun, 5: other})
+        assert not isinstance(outcome, ScsiResult)  # routed requests take the async path
+        res = await outcome
+        assert res.data == b"\x11" * BS + b"\x22" * BS + bytes((errno.ENODEV,))
+        assert other.write_ops == 1 and other.read_ops == 1
+    finally:
+        be.close()
+
+
 @pytest.mark.parametrize(
     ("err", "op", "expect"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +91,10 @@ class MemBackend:
         raise AssertionError(req.op)
 
 
-def drive(target: ScsiTarget, cmd: ScsiCommand, backend: MemBackend) -> ScsiResult:
-    """The executor's loop, as vsand/lun.py runs it."""
+def drive(target: ScsiTarget, cmd: ScsiCommand, backend: MemBackend,
+          backends: dict[int, MemBackend] | None = None) -> ScsiResult:
+    """The executor's loop, as vsand/lun.py runs it; ``backends`` by LUN, for requests that
+    name one (``BlockRequest.lun``)."""
     res = target.execute(cmd)
     if isinstance(res, ScsiResult):
         return res
@@ -101,7 +104,10 @@ def drive(target: ScsiTarget, cmd: ScsiCommand, backend: MemBackend) -> ScsiResu
         while True:
             is_write = req.op in WRITE_OPS
             try:
-                value = backend.execute(req)
+                be = backend if req.lun is None else (backends or {}).get(req.lun)
+                if be is None:
+                    raise OSError(errno.ENODEV, f"no LUN {req.lun}")
+                value = be.execute(req)
             except OSError as e:
                 req = res.throw(e)
                 continue
@@ -131,13 +137,27 @@ class Harness:
         # Huge LUNs (capacity tests) get a backend covering only their first blocks.
         self.backend = MemBackend(self.params.block_size, min(self.params.blocks, 1 << 17))
         self.bs = self.params.block_size
+        self.luns = {0: self.lu}
+        self.backends = {0: self.backend}
+
+    def add_lun(self, n: int, **kw: Any) -> MemBackend:
+        """Another LUN of the same target, with its own identity and backend."""
+        kw.setdefault("naa_id", NAA[:-1] + bytes((n,)))
+        kw.setdefault("serial", f"SN{n:04d}")
+        p = params(**kw)
+        lu = LogicalUnit(p)
+        self.luns[n] = lu
+        self.target.luns[n] = lu
+        self.backends[n] = MemBackend(p.block_size, min(p.blocks, 1 << 17))
+        return self.backends[n]
 
     def run(self, cdb: bytes | list[int], data: Any = None, lun: int = 0,
             nexus: str = "I1", edtl: int | None = None) -> ScsiResult:
         cdb = bytes(cdb)
         if edtl is None:
             edtl = len(data) if data is not None else 0
-        return drive(self.target, ScsiCommand(cdb, lun, nexus, data, edtl), self.backend)
+        return drive(self.target, ScsiCommand(cdb, lun, nexus, data, edtl),
+                     self.backends.get(lun, self.backend), self.backends)
 
 
 def sense(res: ScsiResult) -> tuple[int, int, int]:
