@@ -23,6 +23,18 @@ Layout (every key but ``data_dir``, ``portals`` and ``targets`` is optional)::
                                        # default "VSAND" + 12 hex digits of sha256(iqn, lun)
             write_cache: writeback     # writeback (default) or writethrough
             thin: true                 # sparse file, UNMAP punches holes; default true
+        auth:                          # optional; default method none
+          method: chap                 # none or chap
+          user: alice                  # the CHAP name initiators log in with
+          secret_file: chap.secret     # or secret: <text>; 12..255 bytes (<= 16 for every
+                                       # initiator); the file: mode 0600/0400, first line
+          mutual_user: disk1           # optional: answer initiators that ask the target
+          mutual_secret_file: m.secret #   to prove itself (or mutual_secret: <text>)
+        acl:                           # optional; absent = every initiator may log in
+          - initiator: iqn.1994-05.com.redhat:host1
+            luns: [0]                  # optional; default all: LUN masking per initiator
+    discovery_auth:                    # same keys as a target's auth, for SendTargets logins
+      method: none
     iscsi:                             # login negotiation defaults and session limits
       queue_depth: 128                 # CmdSN window per session, 1..1024
       max_recv_data_segment_length: 262144   # 512..16777215
@@ -34,6 +46,8 @@ Layout (every key but ``data_dir``, ``portals`` and ``targets`` is optional)::
       nop_interval: 5                  # seconds between NOP-In pings, 0 = off
       nop_timeout: 15                  # seconds without an answer before dropping a session
       login_timeout: 15                # seconds a login may take
+      header_digest: [CRC32C, None]    # digests a login may settle on (the initiator's
+      data_digest: [CRC32C, None]      # order of preference wins); [None] = never
     io_threads: 8                      # 1..1024
     log_level: info                    # debug, info, warning, error
     admin_socket: /run/vsand/vsand.sock    # default <data_dir>/vsand.sock
@@ -56,6 +70,13 @@ Decisions worth knowing:
 - Checks that look at the file system: a LUN path must not be a directory; a path that does
   not exist needs a size (vsand creates it) and cannot be read-only.
 - YAML duplicate keys are errors (PyYAML would silently keep the last one).
+- Security (RFC 7143 §9.2.1, §12.1.3): a CHAP secret shorter than 12 bytes is an error (vsand
+  has no IPsec to make it safe); longer than 16 bytes is a warning (``Config.warnings``:
+  Microsoft's initiator refuses it).  One secret never serves both directions, anywhere in
+  the file.  A secret file readable or writable by group or others is an error naming its
+  mode.  ``dump_config`` writes inline secrets as "(redacted)"; secret files by path.  An
+  ``acl`` initiator denied by it gets login status 0x0202 and does not see the target in
+  discovery; its ``luns`` are all that initiator's sessions see (REPORT LUNS included).
 """
 
 from __future__ import annotations
@@ -72,12 +93,13 @@ from typing import Any, Final, TypeVar
 import yaml
 
 from vsand.config_schema import (
-    ADDRESS_ALLOWED, ISCSI_NAME_ALLOWED, MISSING, Errors, Section, format_address, format_size,
-    is_wildcard, join, normalize_iscsi_name, parse_address, parse_size,
+    ADDRESS_ALLOWED, AUTH_KEYS, ISCSI_NAME_ALLOWED, MISSING, REDACTED, AclEntry,
+    AuthConfig, Errors, Section, format_address, format_size, is_wildcard, join,
+    normalize_iscsi_name, parse_address, parse_size, read_acl, read_auth, read_digests,
 )
 
 __all__ = [
-    "Config", "ConfigError", "IscsiConfig", "LunConfig", "PortalConfig", "TargetConfig",
+    "AclEntry", "AuthConfig", "Config", "ConfigError", "IscsiConfig", "LunConfig", "PortalConfig", "TargetConfig",
     "config_to_dict", "default_config", "derive_serial", "dump_config", "load_config",
     "parse_config", "parse_size",
 ]
@@ -117,6 +139,8 @@ class TargetConfig:
     iqn: str  # lower-cased
     alias: str
     luns: tuple[LunConfig, ...]
+    auth: AuthConfig = AuthConfig()
+    acl: tuple[AclEntry, ...] | None = None  # None: every initiator, every LUN
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +156,8 @@ class IscsiConfig:
     nop_interval: float = 5.0
     nop_timeout: float = 15.0
     login_timeout: float = 15.0
+    header_digest: tuple[str, ...] = ("CRC32C", "None")
+    data_digest: tuple[str, ...] = ("CRC32C", "None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +172,8 @@ class Config:
     admin_socket: str  # absolute
     metrics_listen: str  # "host:port" or "" = off
     source: str  # the file it came from, or DEFAULT_SOURCE
+    discovery_auth: AuthConfig = AuthConfig()
+    warnings: tuple[str, ...] = ()  # not errors, but worth a log line at start-up
 
 
 class ConfigError(Exception):
@@ -241,26 +269,57 @@ def config_to_dict(config: Config) -> dict[str, Any]:
             portal["advertise"] = format_address(p.advertise_host, p.advertise_port)
         portal["group"] = p.group_tag
         portals.append(portal)
-    targets = [{
-        "iqn": t.iqn,
-        "alias": t.alias,
-        "luns": [{
-            "number": lun.number, "path": lun.path, "size": format_size(lun.size),
-            "block_size": lun.block_size, "read_only": lun.read_only, "serial": lun.serial,
-            "write_cache": "writeback" if lun.write_cache else "writethrough", "thin": lun.thin,
-        } for lun in t.luns],
-    } for t in config.targets]
+    targets: list[dict[str, Any]] = []
+    for t in config.targets:
+        target: dict[str, Any] = {
+            "iqn": t.iqn,
+            "alias": t.alias,
+            "luns": [{
+                "number": lun.number, "path": lun.path, "size": format_size(lun.size),
+                "block_size": lun.block_size, "read_only": lun.read_only, "serial": lun.serial,
+                "write_cache": "writeback" if lun.write_cache else "writethrough",
+                "thin": lun.thin,
+            } for lun in t.luns],
+            "auth": _auth_to_dict(t.auth),
+        }
+        if t.acl is not None:
+            target["acl"] = [{"initiator": e.initiator}
+                             | ({"luns": list(e.luns)} if e.luns is not None else {})
+                             for e in t.acl]
+        targets.append(target)
+    iscsi = dataclasses.asdict(config.iscsi)
+    iscsi["header_digest"] = list(config.iscsi.header_digest)
+    iscsi["data_digest"] = list(config.iscsi.data_digest)
     return {
         "node": {"name": config.node_name},
         "data_dir": config.data_dir,
         "portals": portals,
         "targets": targets,
-        "iscsi": dataclasses.asdict(config.iscsi),
+        "discovery_auth": _auth_to_dict(config.discovery_auth),
+        "iscsi": iscsi,
         "io_threads": config.io_threads,
         "log_level": config.log_level,
         "admin_socket": config.admin_socket,
         "metrics": {"listen": config.metrics_listen},
     }
+
+
+def _auth_to_dict(auth: AuthConfig) -> dict[str, Any]:
+    """File layout of an auth section; secrets themselves never leave the process."""
+    if auth.method == "none":
+        return {"method": "none"}
+    out: dict[str, Any] = {"method": auth.method, "user": auth.user}
+    if auth.secret_file:
+        out["secret_file"] = auth.secret_file
+    else:
+        out["secret"] = REDACTED
+    if auth.mutual_user:
+        out["mutual_user"] = auth.mutual_user
+        if auth.mutual_secret_file:
+            out["mutual_secret_file"] = auth.mutual_secret_file
+        else:
+            out["mutual_secret"] = REDACTED
+    return out
 
 
 def dump_config(config: Config) -> str:
@@ -295,10 +354,10 @@ class _Loader(yaml.SafeLoader):
 # ---------------------------------------------------------------------------------------------
 # Building and validating
 
-_TOP_KEYS: Final = ("node", "data_dir", "portals", "targets", "iscsi", "io_threads",
-                    "log_level", "admin_socket", "metrics")
+_TOP_KEYS: Final = ("node", "data_dir", "portals", "targets", "discovery_auth", "iscsi",
+                    "io_threads", "log_level", "admin_socket", "metrics")
 _PORTAL_KEYS: Final = ("listen", "advertise", "group")
-_TARGET_KEYS: Final = ("iqn", "alias", "luns")
+_TARGET_KEYS: Final = ("iqn", "alias", "luns", "auth", "acl")
 _LUN_KEYS: Final = ("number", "path", "size", "block_size", "read_only", "serial",
                     "write_cache", "thin")
 # name -> (lowest, highest); the default comes from IscsiConfig.  Ranges are RFC 7143's.
@@ -390,7 +449,12 @@ def _build(data: object, source: str, base: str) -> Config:
                           check=check_path)
 
     portals, binds = _read_portals(top)
-    targets = _read_targets(top, check_path)
+    warnings: list[str] = []
+    targets = _read_targets(top, check_path, warnings)
+    discovery_auth = read_auth(Section(errors, "discovery_auth", top.raw("discovery_auth"),
+                                       AUTH_KEYS), check_path, warnings)
+    if discovery_auth is not None:
+        _check_secret_directions(errors, targets, discovery_auth)
     iscsi = _read_iscsi(Section(errors, "iscsi", top.raw("iscsi"), tuple(
         f.name for f in dataclasses.fields(IscsiConfig))))
 
@@ -421,7 +485,8 @@ def _build(data: object, source: str, base: str) -> Config:
         node_name=_ok(node_name), data_dir=_ok(data_dir), portals=tuple(portals),
         targets=tuple(targets), iscsi=_ok(iscsi), io_threads=_ok(io_threads),
         log_level=_ok(log_level), admin_socket=_ok(admin_socket),
-        metrics_listen=_ok(metrics_listen), source=source)
+        metrics_listen=_ok(metrics_listen), source=source,
+        discovery_auth=_ok(discovery_auth), warnings=tuple(warnings))
 
 
 def _read_portals(top: Section) -> tuple[list[PortalConfig], list[tuple[str, tuple[str, int]]]]:
@@ -469,7 +534,23 @@ def _check_binds(errors: Errors, binds: list[tuple[str, tuple[str, int]]]) -> No
                 break
 
 
-def _read_targets(top: Section, check_path: Callable[[str], str]) -> list[TargetConfig]:
+def _check_secret_directions(errors: Errors, targets: list[TargetConfig],
+                             discovery: AuthConfig) -> None:
+    """RFC 7143 §12.1.3: a secret that authenticates initiators never authenticates a target."""
+    sections = [(f"targets[{i}]", t.auth) for i, t in enumerate(targets)]
+    sections.append(("discovery_auth", discovery))
+    initiator_secrets = {a.secret: path for path, a in sections if a.secret}
+    for path, auth in sections:
+        first = initiator_secrets.get(auth.mutual_secret) if auth.mutual_secret else None
+        if first is not None:
+            errors.add(join(join(path, "auth") if path != "discovery_auth" else path,
+                            "mutual_secret"),
+                       f"is also the initiators' secret of {first} (allowed: a secret used "
+                       f"in one direction only)")
+
+
+def _read_targets(top: Section, check_path: Callable[[str], str],
+                  warnings: list[str]) -> list[TargetConfig]:
     targets: list[TargetConfig] = []
     iqns: dict[str, str] = {}  # normalised IQN -> key path of its first use
     lun_paths: dict[str, str] = {}  # real path -> key path of its first use
@@ -512,8 +593,11 @@ def _read_targets(top: Section, check_path: Callable[[str], str]) -> list[Target
                 serials.setdefault(lun.serial, join(lun_path, "serial"))
             if lun.done is not None:
                 luns.append(lun.done)
+        auth = read_auth(Section(top.errors, join(path, "auth"), sec.raw("auth"), AUTH_KEYS),
+                         check_path, warnings)
+        acl = read_acl(sec, set(numbers) if numbers else None)
         if len(top.errors.lines) == start:
-            targets.append(TargetConfig(_ok(iqn), _ok(alias), tuple(luns)))
+            targets.append(TargetConfig(_ok(iqn), _ok(alias), tuple(luns), _ok(auth), acl))
     return targets
 
 
@@ -596,6 +680,8 @@ def _read_iscsi(sec: Section) -> IscsiConfig | None:
         values[name] = sec.boolean(name, getattr(defaults, name))
     for name, zero_ok in _ISCSI_SECONDS.items():
         values[name] = sec.seconds(name, getattr(defaults, name), 0.0, _MAX_SECONDS, zero_ok)
+    for name in ("header_digest", "data_digest"):
+        values[name] = read_digests(sec, name, getattr(defaults, name))
     first, most = values["first_burst_length"], values["max_burst_length"]
     if first is not None and most is not None and first > most:
         sec.error("first_burst_length", f"{first} is greater than max_burst_length {most} "

@@ -7,6 +7,8 @@ the CLI parses sizes with `parse_size`):
 - `parse_size`, `format_size`: byte counts with binary suffixes.
 - `normalize_iscsi_name`: RFC 7143 §4.2.7 name formats, lower-cased as RFC 3722 stringprep does.
 - `parse_address`: ``host:port``, ``[v6]:port``, ``host`` or a bare IPv6 literal.
+- `read_auth`, `read_acl`, `read_digests`: the security sections (CHAP credentials, secret
+  files that only their owner may read, access lists with LUN masking, digest choices).
 - `Errors` and `Section`: read one YAML mapping with typed getters that never raise; every
   problem becomes one line ``<file>: <key path>: <what is wrong> (allowed: <what is allowed>)``
   so that a whole file's mistakes are reported in one go.
@@ -20,8 +22,11 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final, TypeVar
 
@@ -411,3 +416,232 @@ class Section:
         if not value and required is not None:  # [] or an explicit null
             self.error(key, f"is empty (required: {required})")
         return [(f"{self.at(key)}[{i}]", item) for i, item in enumerate(value or [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: CHAP credentials and access lists
+
+AUTH_KEYS: Final = ("method", "user", "secret", "secret_file", "mutual_user", "mutual_secret",
+                    "mutual_secret_file")
+ACL_KEYS: Final = ("initiator", "luns")
+AUTH_METHODS: Final = {"none": "none", "chap": "chap"}
+SECRET_MIN: Final = 12   # RFC 7143 §9.2.1: under 96 bits CHAP needs IPsec, which vsand lacks
+SECRET_PORTABLE: Final = 16  # the longest secret Microsoft's initiator accepts
+SECRET_MAX: Final = 255
+CHAP_USER_ALLOWED: Final = "1..255 bytes of text, no control characters"
+SECRET_ALLOWED: Final = (f"{SECRET_MIN}..{SECRET_MAX} bytes (at most {SECRET_PORTABLE} for "
+                         f"every initiator to accept it), ideally random")
+REDACTED: Final = "(redacted)"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How initiators authenticate to a target (or to discovery): none, or CHAP."""
+    method: str = "none"                    # "none" | "chap"
+    user: str = ""
+    secret: bytes = field(default=b"", repr=False)
+    mutual_user: str = ""                    # the target's name and secret, for mutual CHAP
+    mutual_secret: bytes = field(default=b"", repr=False)
+    secret_file: str = ""                    # where the secret came from, "" = inline
+    mutual_secret_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AclEntry:
+    initiator: str                           # normalised iSCSI name
+    luns: tuple[int, ...] | None = None      # None: every LUN of the target
+
+
+def _check_chap_user(text: str) -> str:
+    if not text or len(text.encode("utf-8")) > 255 or any(
+            ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+        raise ValueError("is not a valid CHAP user name")
+    return text
+
+
+def read_secret_file(path: str) -> bytes:
+    """The first line of a secret file that only its owner can read; ValueError says why not."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ValueError(f"has mode {mode:04o}, readable or writable by group or others "
+                         f"(chmod 600 it)")
+    try:
+        with open(path, "rb") as f:
+            first = f.read(SECRET_MAX + 2).split(b"\n", 1)[0]
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror or exc}") from None
+    return first[:-1] if first.endswith(b"\r") else first
+
+
+class _SecretReader:
+    """Reads one secret given inline (``key``) or in a file (``key_file``)."""
+
+    def __init__(self, sec: Section, check_path: Callable[[str], str],
+                 warnings: list[str]) -> None:
+        self.sec = sec
+        self.check_path = check_path
+        self.warnings = warnings
+
+    def read(self, key: str, needed: bool) -> tuple[bytes | None, str]:
+        sec = self.sec
+        file_key = f"{key}_file"
+        inline, in_file = sec.raw(key) is not MISSING, sec.raw(file_key) is not MISSING
+        if inline and in_file:
+            sec.error(file_key, f"is given together with {key} (allowed: one of {key} and "
+                                f"{file_key})")
+            return None, ""
+        if not inline and not in_file:
+            if needed:
+                sec.error(key, f"missing (required: {key} or {file_key}, {SECRET_ALLOWED})")
+            return (None if needed else b""), ""
+        if inline:
+            text = sec.string(key, None, SECRET_ALLOWED)
+            return (None if text is None else self._checked(key, text.encode("utf-8"))), ""
+        path = sec.string(file_key, None, "a file path; relative paths are relative to the "
+                                          "config file", check=self.check_path)
+        if path is None:
+            return None, ""
+        try:
+            secret = read_secret_file(path)
+        except ValueError as exc:
+            sec.error(file_key, f"{path!r} {exc} (allowed: a file only its owner can read, "
+                                f"mode 0600 or 0400, with the secret on its first line)")
+            return None, path
+        return self._checked(file_key, secret, f"the first line of {path!r}"), path
+
+    def _checked(self, key: str, secret: bytes, what: str = "the secret") -> bytes | None:
+        n = len(secret)
+        if n < SECRET_MIN:
+            # Never the secret itself in a message: only its length.
+            self.sec.error(key, f"{what} is {n} bytes long; CHAP secrets under 96 bits "
+                                f"are open to offline dictionary attacks unless IPsec "
+                                f"protects the link (RFC 7143 §9.2.1) (allowed: "
+                                f"{SECRET_ALLOWED})")
+            return None
+        if n > SECRET_MAX:
+            self.sec.error(key, f"{what} is longer than {SECRET_MAX} bytes (allowed: "
+                                f"{SECRET_ALLOWED})")
+            return None
+        if n > SECRET_PORTABLE:
+            self.warnings.append(f"{self.sec.errors.source}: {self.sec.at(key)}: {what} is "
+                                 f"{n} bytes long; some initiators (Microsoft's) accept at "
+                                 f"most {SECRET_PORTABLE}")
+        return secret
+
+
+def read_auth(sec: Section, check_path: Callable[[str], str],
+              warnings: list[str]) -> AuthConfig | None:
+    """An ``auth:`` or ``discovery_auth:`` mapping; None after recording errors."""
+    start = len(sec.errors.lines)
+    method = sec.one_of("method", "none", AUTH_METHODS)
+    if method != "chap":
+        for key in AUTH_KEYS[1:]:
+            if sec.raw(key) is not MISSING:
+                sec.error(key, f"is set but method is {method or 'invalid'} (allowed: only "
+                               f"with method: chap)")
+        return AuthConfig() if len(sec.errors.lines) == start else None
+    user = sec.string("user", None, CHAP_USER_ALLOWED, "the CHAP user name initiators log "
+                      "in with", check=_check_chap_user)
+    secrets = _SecretReader(sec, check_path, warnings)
+    secret, secret_file = secrets.read("secret", True)
+    mutual_user = sec.string("mutual_user", "", CHAP_USER_ALLOWED, check=_check_chap_user)
+    has_mutual = any(sec.raw(k) is not MISSING for k in ("mutual_secret", "mutual_secret_file"))
+    if sec.raw("mutual_user") is MISSING and has_mutual:
+        sec.error("mutual_user", "missing (required with a mutual secret: the name this "
+                                 "target answers mutual CHAP with)")
+    mutual_secret, mutual_file = secrets.read("mutual_secret", bool(mutual_user))
+    if secret and mutual_secret and secret == mutual_secret:
+        sec.error("mutual_secret", "equals secret (allowed: a different secret; RFC 7143 "
+                                   "§12.1.3 forbids using one secret in both directions)")
+    if len(sec.errors.lines) != start:
+        return None
+    assert user is not None and secret is not None and mutual_secret is not None
+    return AuthConfig("chap", user, secret, mutual_user or "", mutual_secret, secret_file,
+                      mutual_file)
+
+
+def read_acl(sec: Section, lun_numbers: set[int] | None) -> tuple[AclEntry, ...] | None:
+    """A target's ``acl:`` list (absent: None, every initiator admitted)."""
+    raw = sec.raw("acl")
+    if raw is MISSING:
+        return None
+    entries: list[AclEntry] = []
+    if raw is not None and not isinstance(raw, list):
+        sec.error("acl", f"{mistyped(raw, 'a list')} (allowed: a list of {{initiator: "
+                         f"<iSCSI name>, luns: [numbers]}})")
+        return None
+    items = sec.items("acl", None)
+    if not items and (raw is None or isinstance(raw, list)):
+        sec.error("acl", "is empty, which would admit no initiator (allowed: a list of "
+                         "{initiator: <iSCSI name>, luns: [numbers]}; omit acl to admit every "
+                         "initiator)")
+    seen: dict[str, str] = {}
+    for path, item in items:
+        entry = Section(sec.errors, path, item, ACL_KEYS)
+        start = len(sec.errors.lines)
+        name = entry.string("initiator", None, ISCSI_NAME_ALLOWED, "the initiator's iSCSI "
+                            "name", check=_name_check)
+        if name is not None:
+            if name in seen:
+                entry.error("initiator", f"{name!r} is already listed at {seen[name]} "
+                                         f"(allowed: one entry per initiator)")
+            seen.setdefault(name, join(path, "initiator"))
+        luns: tuple[int, ...] | None = None
+        if entry.raw("luns") is not MISSING:
+            numbers: list[int] = []
+            lun_items = entry.items("luns", "at least one LUN number")
+            for lun_path, value in lun_items:
+                known = sorted(lun_numbers or ())
+                if isinstance(value, bool) or not isinstance(value, int):
+                    sec.errors.add(lun_path, f"{mistyped(value, 'a LUN number')} (allowed: "
+                                             f"one of the target's LUNs {known})")
+                elif lun_numbers is not None and value not in lun_numbers:
+                    sec.errors.add(lun_path, f"{value} is not a LUN of this target (allowed: "
+                                             f"one of {known})")
+                elif value in numbers:
+                    sec.errors.add(lun_path, f"{value} is listed twice (allowed: each LUN "
+                                             f"once)")
+                else:
+                    numbers.append(value)
+            luns = tuple(sorted(numbers))
+        if len(sec.errors.lines) == start and name is not None:
+            entries.append(AclEntry(name, luns))
+    return tuple(entries)
+
+
+def _name_check(text: str) -> str:
+    try:
+        return normalize_iscsi_name(text)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid iSCSI name: it {exc}") from None
+
+
+DIGESTS: Final = {"crc32c": "CRC32C", "none": "None"}
+DIGEST_ALLOWED: Final = "a list of CRC32C and None, e.g. [CRC32C, None]"
+
+
+def read_digests(sec: Section, key: str, default: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``header_digest``/``data_digest``: the digests a login may settle on."""
+    raw = sec.raw(key)
+    if raw is MISSING:
+        return default
+    if not isinstance(raw, list) or not raw:
+        what = "is empty" if isinstance(raw, list) else mistyped(raw, "a list")
+        sec.error(key, f"{what} (allowed: {DIGEST_ALLOWED})")
+        return None
+    out: list[str] = []
+    for i, value in enumerate(raw):
+        name = DIGESTS.get(value.lower()) if isinstance(value, str) else None
+        if name is None or name in out:
+            problem = "is listed twice" if name else "is not a digest"
+            sec.errors.add(f"{sec.at(key)}[{i}]", f"{show(value)} {problem} (allowed: "
+                                                  f"{DIGEST_ALLOWED})")
+            return None
+        out.append(name)
+    return tuple(out)

@@ -19,11 +19,13 @@ from .backends.file import FileBackend
 from .config import Config, dump_config
 from .iscsi_conn import Connection
 from .lun import Lun
+from .prstore import PrStore
 from .metrics import start_metrics
 from .sdnotify import Notifier
+from .protocol.iscsi.chap import ReplayGuard
 from .protocol.iscsi.login import TargetOffer
 from .protocol.scsi.types import LunParams
-from .targets import Portal, TargetNode, TargetRegistry
+from .targets import Portal, TargetNode, TargetRegistry, acl_map, auth_policy
 
 log = logging.getLogger("vsand")
 
@@ -51,6 +53,9 @@ class Daemon:
                                            thread_name_prefix="vsand-io")
         self.config_digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
         self.admin = AdminServer(self, config.admin_socket)
+        # Identifier+challenge pairs initiators used for mutual CHAP, across all logins.
+        self.chap_guard = ReplayGuard()
+        self.prstore = PrStore(config.data_dir)  # APTPL reservations, per LU
 
     def _build_targets(self) -> list[TargetNode]:
         nodes = []
@@ -72,9 +77,11 @@ class Daemon:
                                    thin=lc.thin and not backend.is_block_device,
                                    target_name=t.iqn)
                 luns[lc.number] = Lun.from_params(lc.number, params, backend)
+                self.prstore.attach(t.iqn, lc.number, luns[lc.number].unit)
                 log.info("LUN %d of %s: %s, %d blocks of %d bytes%s", lc.number, t.iqn, lc.path,
                          params.blocks, lc.block_size, " (read-only)" if lc.read_only else "")
-            nodes.append(TargetNode(t.iqn, t.alias, luns))
+            nodes.append(TargetNode(t.iqn, t.alias, luns, acl=acl_map(t.acl),
+                                    auth=auth_policy(t.auth, self.chap_guard)))
         return nodes
 
     async def start(self) -> None:
@@ -84,12 +91,17 @@ class Daemon:
                             first_burst_length=ic.first_burst_length,
                             max_burst_length=ic.max_burst_length,
                             immediate_data=ic.immediate_data, initial_r2t=ic.initial_r2t,
-                            max_outstanding_r2t=ic.max_outstanding_r2t)
+                            max_outstanding_r2t=ic.max_outstanding_r2t,
+                            header_digests=ic.header_digest, data_digests=ic.data_digest)
+        for warning in c.warnings:
+            log.warning("%s", warning)
         portals = [Portal(p.listen_host, p.listen_port, p.advertise_host, p.advertise_port,
                           p.group_tag) for p in c.portals]
         self.registry = TargetRegistry(self._build_targets(), portals, offer,
                                        window=ic.queue_depth, nop_interval=ic.nop_interval,
-                                       nop_timeout=ic.nop_timeout, login_timeout=ic.login_timeout)
+                                       nop_timeout=ic.nop_timeout, login_timeout=ic.login_timeout,
+                                       discovery_auth=auth_policy(c.discovery_auth,
+                                                                  self.chap_guard))
         loop = asyncio.get_running_loop()
         registry = self.registry
         for portal in portals:

@@ -32,7 +32,7 @@ from .protocol.block import BlockOp
 from .protocol.scsi.sbc import plain_read_write
 
 if TYPE_CHECKING:
-    from .targets import Portal, TargetRegistry
+    from .targets import Portal, TargetRegistry, TargetView
 
 log = logging.getLogger("vsand.iscsi")
 
@@ -56,6 +56,7 @@ class Connection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.params: SessionParams | None = None
         self.target = None  # TargetNode once logged in to a normal session
+        self.view: TargetView | None = None  # the LUNs this session may use (LUN masking)
         self.login: LoginMachine | None = None
         self.text: TextHandler | None = None
         self.statsn = 0
@@ -90,7 +91,8 @@ class Connection(asyncio.BufferedProtocol):
         self.login = LoginMachine(portal_group_tag=self.portal.group_tag,
                                   offer=self.registry.offer,
                                   lookup_target=self._lookup_target,
-                                  admit=self._admit, cmd_window=self.registry.window)
+                                  admit=self._admit, cmd_window=self.registry.window,
+                                  auth_policy=self.registry.auth_policy)
         self._watch = self._loop.call_later(self.registry.login_timeout, self._login_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -167,10 +169,12 @@ class Connection(asyncio.BufferedProtocol):
             if s.connection is self:
                 s.connection = None
                 self.registry.sessions.remove(s)
-                if self.target is not None and not self.logged_out:
+                if self.view is not None and not self.logged_out:
                     # A logout ends the nexus cleanly; only a lost connection is an I_T
                     # nexus loss the initiator must hear about (SAM-5 6.3.4).
-                    self.target.scsi.nexus_lost(s.nexus)
+                    self.view.scsi.nexus_lost(s.nexus)
+                elif self.view is not None:
+                    self.view.scsi.nexus_closed(s.nexus)  # RESERVE(6) ends with the nexus
                 log.info("session closed: %s from %s (tsih %d)", s.initiator_name, self.peer, s.tsih)
 
     def pause_writing(self) -> None:
@@ -252,8 +256,10 @@ class Connection(asyncio.BufferedProtocol):
 
     # ---------------------------------------------------------------- login
     def _lookup_target(self, name: str) -> TargetInfo | None:
+        # The access list is checked once the initiator has authenticated (``admit``): a
+        # name is only worth trusting after CHAP.
         node = self.registry.targets.get(name)
-        if node is None or not node.allows(self):
+        if node is None:
             return None
         return self.registry.target_info(node, self.local_addr)
 
@@ -279,6 +285,10 @@ class Connection(asyncio.BufferedProtocol):
         reply = self.login.receive(msg, self.statsn)
         self.send(reply.header, reply.data)
         if reply.close:
+            # The status says why (0x0201 authentication, 0x0202 access list, ...); the
+            # initiator got no more than that.
+            log.info("%s: login refused with status 0x%02x%02x (initiator %s)", self.peer,
+                     reply.header[36], reply.header[37], self.login.initiator_name or "?")
             self.close_after_flush()
             return
         if reply.done:
@@ -300,13 +310,17 @@ class Connection(asyncio.BufferedProtocol):
         if self._watch:
             self._watch.cancel()
         if self.target is not None and self.session is not None:
-            self.target.scsi.attach(self.session.nexus)
-            self.fast_luns = self.target.luns
+            self.view = self.target.view(params.initiator_name)
+            self.view.scsi.attach(self.session.nexus)
+            # The fast path serves exactly the LUNs of the view, never a masked one.
+            self.fast_luns = self.view.luns
         self._arm_nop()
 
     def _all_targets(self) -> list[TargetInfo]:
+        # SendTargets lists only what this initiator may log in to.
+        name = self.params.initiator_name if self.params is not None else ""
         return [self.registry.target_info(t, self.local_addr) for t in self.registry.targets.values()
-                if t.allows(self)]
+                if t.allows(name)]
 
     # ---------------------------------------------------------------- NOP-In pings
     def _arm_nop(self) -> None:
@@ -509,10 +523,10 @@ class Connection(asyncio.BufferedProtocol):
     def execute(self, task: Task) -> None:
         """All data of ``task`` is here: run the SCSI command."""
         session = self.session
-        assert session is not None and self.target is not None
+        assert session is not None and self.view is not None
         cmd = ScsiCommand(task.pdu.cdb, task.lun, session.nexus, task.data_view(),
                           task.pdu.edtl, task.pdu.attr)
-        self.target.start(task, cmd)
+        self.view.start(task, cmd)
 
     def complete(self, task: Task) -> None:
         """The task left the task table: free its window slot."""

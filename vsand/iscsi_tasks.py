@@ -381,7 +381,8 @@ class TmfHandler:
         fn = msg.function
         lun = pdu.decode_lun(msg.lun)
         target = conn.target
-        if target is None:
+        view = conn.view
+        if target is None or view is None:
             self._respond(msg, TmfResponse.REJECTED)
             return
         waits: list[asyncio.Task[None]] = []
@@ -400,21 +401,22 @@ class TmfHandler:
             else:
                 waits += self._abort([task])
         elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
-            if lun not in target.luns:
+            if lun not in view.luns:  # LUNs masked from this session do not exist
                 response = TmfResponse.NO_LUN
             elif fn == TmfFunction.ABORT_TASK_SET:
                 waits += self._abort([t for t in conn.tasks if t.lun == lun and t.itt != msg.itt])
             else:
                 waits += self._abort_everywhere(target, lun)
         elif fn == TmfFunction.LOGICAL_UNIT_RESET:
-            if lun not in target.luns:
+            if lun not in view.luns:  # LUNs masked from this session do not exist
                 response = TmfResponse.NO_LUN
             else:
                 waits += self._abort_everywhere(target, lun)
                 after = lambda: target.scsi.lun_reset(lun, conn.session.nexus)  # noqa: E731
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             waits += self._abort_everywhere(target, None)
-            after = lambda: target.scsi.target_reset(conn.session.nexus)  # noqa: E731
+            # Only the LUNs this session can see: a masked LUN is not part of its target.
+            after = lambda: view.scsi.target_reset(conn.session.nexus)  # noqa: E731
         elif fn == TmfFunction.CLEAR_ACA:
             response = TmfResponse.NOT_SUPPORTED
         elif fn == TmfFunction.TASK_REASSIGN:
@@ -460,10 +462,13 @@ class TmfHandler:
 
     def _abort_everywhere(self, target: Any, lun: int | None) -> list[asyncio.Task[None]]:
         waits: list[asyncio.Task[None]] = []
+        visible = self.conn.view.luns if self.conn.view is not None else {}
         for c in list(self.conn.registry.connections):
             if c.target is not target:
                 continue
-            waits += self._abort([t for t in c.tasks if lun is None or t.lun == lun])
+            # A target reset reaches only the LUNs the resetting session can see.
+            waits += self._abort([t for t in c.tasks if t.lun == lun
+                                  or (lun is None and t.lun in visible)])
         return waits
 
     def _respond(self, msg: pdu.TaskMgmtRequest, response: int) -> None:

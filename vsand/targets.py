@@ -3,6 +3,14 @@
 Names follow the usual target vocabulary: a ``TargetNode`` (IQN) exposes LUNs through the
 portals of a portal group; ``TargetRegistry`` is what every connection consults to log in, to
 find its target, and to see the other sessions (reinstatement, resets that cross sessions).
+
+Access control: a node's ``acl`` (initiator name -> its LUN numbers, None = all) decides who
+may log in (``allows``; the others get status 0x0202 and do not see the target in discovery)
+and what each session sees: ``view`` gives a ``TargetView`` whose ``ScsiTarget`` holds only
+the permitted LUNs, so REPORT LUNS lists them alone and any other LUN number is LOGICAL UNIT
+NOT SUPPORTED.  The ``LogicalUnit`` objects (and their reservations, unit attentions, data)
+are the node's, shared by every view.  Authentication (CHAP) is the node's ``auth`` policy,
+handed to each login by ``TargetRegistry.auth_policy``.
 """
 
 from __future__ import annotations
@@ -10,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Coroutine
+import os
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .config import AclEntry, AuthConfig
 from .lun import Lun, release_result, start_scsi
-from .protocol.iscsi.login import SessionParams, TargetInfo, TargetOffer
+from .protocol.iscsi.chap import ChapCredentials, ReplayGuard, chap_factory
+from .protocol.iscsi.login import AuthPolicy, SessionParams, TargetInfo, TargetOffer
 from .protocol.scsi import ScsiTarget
 from .protocol.scsi.types import ScsiCommand, ScsiResult
 from .session import SessionRegistry
@@ -27,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsand.iscsi")
 
 # Login status classes/details (RFC 7143 §11.13.5).
+AUTHORIZATION_FAILURE = (0x02, 0x02)
 TARGET_NOT_FOUND = (0x02, 0x03)
 SESSION_DOES_NOT_EXIST = (0x02, 0x0A)
 TOO_MANY_CONNECTIONS = (0x02, 0x06)
@@ -42,19 +54,14 @@ class Portal:
     group_tag: int
 
 
-@dataclass(eq=False)
-class TargetNode:
-    name: str
-    alias: str
-    luns: dict[int, Lun]
-    scsi: ScsiTarget = field(init=False)
+class TargetView:
+    """The LUNs one session may use, and the SCSI target device built from them."""
 
-    def __post_init__(self) -> None:
-        self.scsi = ScsiTarget({n: lun.unit for n, lun in self.luns.items()})
+    __slots__ = ("scsi", "luns")
 
-    def allows(self, conn: Connection) -> bool:
-        # Open to every initiator until ACLs exist.
-        return True
+    def __init__(self, luns: dict[int, Lun]) -> None:
+        self.luns = luns
+        self.scsi = ScsiTarget({n: lun.unit for n, lun in luns.items()})
 
     def start(self, task: Task, cmd: ScsiCommand) -> None:
         """Run ``cmd``: inline when the page cache can serve it, else as an asyncio task."""
@@ -87,6 +94,44 @@ class TargetNode:
             task.conn.close()
 
 
+@dataclass(eq=False)
+class TargetNode:
+    name: str
+    alias: str
+    luns: dict[int, Lun]
+    # initiator name (lower case) -> the LUN numbers it may see, None = all; no acl = open.
+    acl: Mapping[str, tuple[int, ...] | None] | None = None
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
+    full: TargetView = field(init=False)
+    _views: dict[tuple[int, ...], TargetView] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.full = TargetView(self.luns)
+
+    @property
+    def scsi(self) -> ScsiTarget:
+        """The SCSI target device with every LUN (admin, resets that span the node)."""
+        return self.full.scsi
+
+    def allows(self, initiator_name: str) -> bool:
+        return self.acl is None or initiator_name.lower() in self.acl
+
+    def view(self, initiator_name: str) -> TargetView:
+        """What a session of ``initiator_name`` sees (call ``allows`` first)."""
+        permitted = None if self.acl is None else self.acl.get(initiator_name.lower())
+        if permitted is None:
+            return self.full
+        # One view per LUN set, not per session: a view's ScsiTarget tracks its nexuses.
+        view = self._views.get(permitted)
+        if view is None:
+            view = TargetView({n: self.luns[n] for n in permitted if n in self.luns})
+            self._views[permitted] = view
+        return view
+
+    def start(self, task: Task, cmd: ScsiCommand) -> None:
+        self.full.start(task, cmd)
+
+
 def _is_wildcard(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_unspecified
@@ -101,7 +146,8 @@ def _format_address(host: str, port: int, tag: int) -> tuple[str, int, int]:
 class TargetRegistry:
     def __init__(self, targets: list[TargetNode], portals: list[Portal], offer: TargetOffer,
                  *, window: int = 128, nop_interval: float = 5.0, nop_timeout: float = 15.0,
-                 login_timeout: float = 15.0) -> None:
+                 login_timeout: float = 15.0,
+                 discovery_auth: AuthPolicy | None = None) -> None:
         self.targets = {t.name: t for t in targets}
         self.portals = portals
         self.offer = offer
@@ -111,7 +157,16 @@ class TargetRegistry:
         self.login_timeout = login_timeout
         self.sessions = SessionRegistry()
         self.connections: set[Connection] = set()
-        self.crc32c: Any = None
+        self.discovery_auth = discovery_auth or AuthPolicy()
+        self.crc32c: Callable[..., int] = crc32c_function()
+
+    def auth_policy(self, session_type: str, target_name: str) -> AuthPolicy:
+        """The authentication a login must pass (LoginMachine's ``auth_policy``)."""
+        if session_type == "Normal":
+            node = self.targets.get(target_name)
+            if node is not None:
+                return node.auth
+        return self.discovery_auth
 
     def target_info(self, node: TargetNode, local: tuple[str, int] | None = None) -> TargetInfo:
         addrs = []
@@ -128,8 +183,12 @@ class TargetRegistry:
         node = None
         if not discovery:
             node = self.targets.get(params.target_name)
-            if node is None or not node.allows(conn):
+            if node is None:
                 return (*TARGET_NOT_FOUND, 0)
+            if not node.allows(params.initiator_name):
+                log.warning("login refused: %s from %s is not in the access list of %s",
+                            params.initiator_name, conn.peer, node.name)
+                return (*AUTHORIZATION_FAILURE, 0)
         if params.tsih:
             # Adding a connection to an existing session: MaxConnections is 1.
             if self.sessions.get(params.tsih) is None:
@@ -151,7 +210,38 @@ class TargetRegistry:
         session.connection = conn
         conn.session = session
         conn.target = node
-        log.info("login: %s session from %s as %s (%s, tsih %d)",
+        log.info("login: %s session from %s as %s (%s, tsih %d%s%s)",
                  "discovery" if discovery else "normal", conn.peer, params.initiator_name,
-                 params.target_name or "-", session.tsih)
+                 params.target_name or "-", session.tsih,
+                 ", header digest CRC32C" if params.header_digest else "",
+                 ", data digest CRC32C" if params.data_digest else "")
         return (0, 0, session.tsih)
+
+
+def crc32c_function() -> Callable[..., int]:
+    """CRC32C for iSCSI digests: ``f(data, crc=0)``, continuing from ``crc``.
+
+    The ``crc32c`` package uses the CPU's CRC32 instruction (about 28 GB/s on 1 MiB buffers
+    here, against 0.47 GB/s for crcmod's table code); crcmod stays as the fallback.
+    """
+    try:
+        import crc32c
+        return crc32c.crc32c  # type: ignore[no-any-return]
+    except ImportError:
+        import crcmod.predefined
+        return crcmod.predefined.mkCrcFun("crc-32c")  # type: ignore[no-any-return]
+
+
+def auth_policy(auth: AuthConfig, guard: ReplayGuard) -> AuthPolicy:
+    """The login policy for a configured ``auth:`` section (CHAP challenges from os.urandom)."""
+    if auth.method != "chap":
+        return AuthPolicy(("None",))
+    creds = ChapCredentials(auth.user, auth.secret, auth.mutual_user, auth.mutual_secret)
+    return AuthPolicy(("CHAP",), {"CHAP": chap_factory(creds, os.urandom, guard)})
+
+
+def acl_map(acl: tuple[AclEntry, ...] | None) -> dict[str, tuple[int, ...] | None] | None:
+    """A configured ``acl:`` as TargetNode wants it: initiator name -> LUN numbers or None."""
+    if acl is None:
+        return None
+    return {entry.initiator: entry.luns for entry in acl}

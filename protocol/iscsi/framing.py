@@ -11,7 +11,10 @@ from collections.abc import Callable
 
 from .pdu import BHS_LEN, PduError, RejectReason, padded, pad_for, peek_lengths
 
-Digest = Callable[[bytes | bytearray | memoryview], int]
+# CRC32C as iSCSI uses it (RFC 7143 §13.1): f(data, crc) continues a CRC begun with crc=0.
+# The 32-bit result goes on the wire least significant byte first (RFC 3720 B.4 examples:
+# 32 zero bytes -> aa 36 91 8a).
+Digest = Callable[[bytes | bytearray | memoryview, int], int]
 MAX_AHS = 1024  # TotalAHSLength can say 1020 bytes at most
 _EMPTY = memoryview(b"")
 MIN_CAPACITY = 64 * 1024
@@ -108,7 +111,7 @@ class PduReader:
         if hd:
             assert self.header_digest is not None
             got = int.from_bytes(view[data_at - 4:data_at], "little")
-            if self.header_digest(view[pos:data_at - 4]) != got:
+            if self.header_digest(view[pos:data_at - 4], 0) != got:
                 # The lengths cannot be trusted either: the connection must go.
                 self._pos = end
                 raise DigestError(bhs, True)
@@ -117,7 +120,7 @@ class PduReader:
         if dd:
             assert self.data_digest is not None
             got = int.from_bytes(view[end - 4:end], "little")
-            if self.data_digest(view[data_at:end - 4]) != got:
+            if self.data_digest(view[data_at:end - 4], 0) != got:
                 raise DigestError(bhs, False)
         return bhs, ahs, data
 
@@ -138,12 +141,14 @@ def frame(header: bytes, data: bytes | bytearray | memoryview | None,
     """Buffers for one PDU, ready for ``transport.writelines``; the payload is not copied."""
     parts: list[bytes | bytearray | memoryview] = [header]
     if header_digest:
-        parts.append(header_digest(header).to_bytes(4, "little"))
+        parts.append(header_digest(header, 0).to_bytes(4, "little"))
     if data:
         parts.append(data)
         pad = pad_for(len(data))
         if pad:
             parts.append(pad)
         if data_digest:
-            parts.append(data_digest(bytes(data) + pad).to_bytes(4, "little"))
+            # CRC32C over data and padding, continued rather than joined: no copy of data.
+            crc = data_digest(data, 0)
+            parts.append((data_digest(pad, crc) if pad else crc).to_bytes(4, "little"))
     return parts

@@ -15,6 +15,9 @@ Each Login Request goes through the same steps, in this order:
 3. Text accumulates across C=1 requests (answered with empty replies) up to
    ``MAX_LOGIN_TEXT`` bytes; the complete text is parsed once.
 4. The first complete text must name the initiator (and the target for a Normal session).
+   The authentication this login must pass is then fixed: ``auth_policy`` (if given) maps the
+   session type and target to the methods allowed and their authenticators (e.g. CHAP with
+   that target's secret); without it, ``offer.auth_methods`` and ``authenticators`` apply.
 5. Every key is answered from the table in ``keys``: negotiated, Irrelevant, NotUnderstood or
    Reject.  A key not allowed in the stage, sent by the wrong side, or declared twice during the
    whole login fails the login (initiator error).  Names may be repeated with the same value
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import keys as K
@@ -148,6 +151,18 @@ class Authenticator(Protocol):
 AuthFactory = Callable[[str, str], Authenticator]
 
 
+@dataclass(frozen=True)
+class AuthPolicy:
+    """The authentication one login must pass, chosen once its session type and target are
+    known (a target's CHAP secret differs from the discovery one)."""
+    methods: tuple[str, ...] = ("None",)
+    authenticators: Mapping[str, AuthFactory] = field(default_factory=dict)
+
+
+# (session type, target name) -> the policy for that login.
+AuthPolicyLookup = Callable[[str, str], AuthPolicy]
+
+
 class _Fail(Exception):
     """Internal: abandon the request and answer with a login reject."""
 
@@ -171,12 +186,15 @@ class LoginMachine:
                  lookup_target: Callable[[str], TargetInfo | None],
                  admit: Callable[[SessionParams], tuple[int, int, int]],
                  authenticators: Mapping[str, AuthFactory] | None = None,
+                 auth_policy: AuthPolicyLookup | None = None,
                  cmd_window: int = 1) -> None:
         self.portal_group_tag = portal_group_tag
         self.offer = offer
         self.lookup_target = lookup_target
         self.admit = admit
         self.authenticators: Mapping[str, AuthFactory] = authenticators or {}
+        self.auth_policy = auth_policy
+        self._auth_methods = offer.auth_methods     # replaced by the policy, if any
         self.cmd_window = max(1, cmd_window)
         self.params: SessionParams | None = None
 
@@ -299,7 +317,7 @@ class LoginMachine:
 
     def _accepted_auth(self) -> tuple[str, ...]:
         """Offered methods we can run: None, or one with an authenticator plugged in."""
-        return tuple(m for m in self.offer.auth_methods
+        return tuple(m for m in self._auth_methods
                      if m == "None" or m in self.authenticators)
 
     def _ours(self, name: str) -> object:
@@ -402,6 +420,14 @@ class LoginMachine:
         # A Discovery session may name a target; it is ignored (never looked up), but it
         # still earns the TargetPortalGroupTag answer (§13.9: "when TargetName is given").
         self.target_name = target_name
+        if self.auth_policy is not None:
+            policy = self.auth_policy(session_type, target_name if session_type == "Normal"
+                                      else "")
+            self._auth_methods = policy.methods
+            self.authenticators = policy.authenticators
+            if self._stage == OPERATIONAL and "None" not in self._accepted_auth():
+                # Security negotiation skipped, and this target requires it (§6.3).
+                raise _Fail(Status.AUTHENTICATION_FAILURE)
 
     def _one_key(self, req: pdu.LoginRequest, key: str, value: str,
                  auth_pairs: list[tuple[str, str]]) -> str | None:

@@ -708,3 +708,196 @@ def test_fuzz_one_value_of_a_valid_config(where: tuple[Any, ...], value: Any) ->
 @given(st.text(alphabet=st.sampled_from(list("abc:-[]{}&*!|>'\"%@`#,?\n\t 0123.")), max_size=80))
 def test_fuzz_raw_text(text: str) -> None:
     _parse_or_config_error(text)
+
+
+# --- security: CHAP, secret files, access lists, digests -------------------------------------
+
+
+def chap(data: dict[str, Any], **auth: Any) -> dict[str, Any]:
+    data["targets"][0]["auth"] = {"method": "chap", **auth}
+    return data
+
+
+def secret_file(tmp: Path, text: str, mode: int = 0o600, name: str = "s.secret") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_auth_defaults_to_none_and_no_acl(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, base(tmp_path)))
+    assert cfg.targets[0].auth.method == "none" and cfg.targets[0].acl is None
+    assert cfg.discovery_auth.method == "none"
+    assert cfg.iscsi.header_digest == ("CRC32C", "None") == cfg.iscsi.data_digest
+
+
+def test_chap_inline_and_from_a_file(tmp_path: Path) -> None:
+    f = secret_file(tmp_path, "file-secret-123\nignored second line\n")
+    data = chap(base(tmp_path), user="alice", secret_file="s.secret", mutual_user="disk1",
+                mutual_secret="mutual-secret-1")
+    cfg = load_config(write(tmp_path, data))
+    auth = cfg.targets[0].auth
+    assert (auth.user, auth.secret, auth.secret_file) == ("alice", b"file-secret-123", str(f))
+    assert (auth.mutual_user, auth.mutual_secret) == ("disk1", b"mutual-secret-1")
+    assert "file-secret" not in repr(cfg) and "mutual-secret" not in repr(cfg)
+
+
+def test_secrets_are_redacted_in_the_dump(tmp_path: Path) -> None:
+    data = chap(base(tmp_path), user="alice", secret="inline-secret-1")
+    data["discovery_auth"] = {"method": "chap", "user": "d", "secret": "discovery-secret"}
+    text = dump_config(load_config(write(tmp_path, data)))
+    assert "inline-secret-1" not in text and "discovery-secret" not in text
+    assert "(redacted)" in text
+
+
+def test_secret_file_round_trips(tmp_path: Path) -> None:
+    secret_file(tmp_path, "file-secret-123")
+    cfg = load_config(write(tmp_path, chap(base(tmp_path), user="a", secret_file="s.secret")))
+    again = parse_config(dump_config(cfg), str(tmp_path / "other.yaml"))
+    assert again.targets[0].auth == cfg.targets[0].auth
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o620])
+def test_secret_file_readable_by_others_is_an_error(tmp_path: Path, mode: int) -> None:
+    secret_file(tmp_path, "file-secret-123", mode)
+    line = one_error(tmp_path, chap(base(tmp_path), user="a", secret_file="s.secret"),
+                     "targets[0].auth.secret_file", "s.secret", f"{mode:04o}", "0600")
+    assert "file-secret" not in line
+
+
+def test_secret_file_problems(tmp_path: Path) -> None:
+    one_error(tmp_path, chap(base(tmp_path), user="a", secret_file="missing.secret"),
+              "targets[0].auth.secret_file", "missing.secret", "cannot be read")
+    (tmp_path / "dir.secret").mkdir()
+    one_error(tmp_path, chap(base(tmp_path), user="a", secret_file="dir.secret"),
+              "targets[0].auth.secret_file", "not a regular file")
+    secret_file(tmp_path, "short\n", name="short.secret")
+    line = one_error(tmp_path, chap(base(tmp_path), user="a", secret_file="short.secret"),
+                     "targets[0].auth.secret_file", "5 bytes", "RFC 7143")
+    assert "short\n" not in line
+
+
+@pytest.mark.parametrize("secret, problem", [("", "0 bytes"), ("elevenbytes", "11 bytes"),
+                                             ("x" * 256, "longer than 255"),
+                                             (123456789012, "not a string")])
+def test_secret_length(tmp_path: Path, secret: Any, problem: str) -> None:
+    line = one_error(tmp_path, chap(base(tmp_path), user="a", secret=secret),
+                     "targets[0].auth.secret", problem)
+    if isinstance(secret, str) and secret:
+        assert secret not in line.split(": ", 2)[2]  # the test id is in the path
+
+
+def test_long_secret_is_a_warning(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, chap(base(tmp_path), user="a", secret="s" * 17)))
+    assert len(cfg.warnings) == 1 and "targets[0].auth.secret" in cfg.warnings[0]
+    assert "16" in cfg.warnings[0] and "s" * 17 not in cfg.warnings[0]
+    assert load_config(write(tmp_path, chap(base(tmp_path), user="a",
+                                            secret="s" * 16))).warnings == ()
+
+
+@pytest.mark.parametrize("auth, key, words", [
+    ({"user": "a"}, "secret", ("missing", "secret_file")),
+    ({"secret": "twelve-bytes!"}, "user", ("missing",)),
+    ({"user": "a", "secret": "twelve-bytes!", "secret_file": "x"}, "secret_file",
+     ("together",)),
+    ({"user": "a", "secret": "twelve-bytes!", "mutual_secret": "other-secret!"},
+     "mutual_user", ("missing",)),
+    ({"user": "a", "secret": "twelve-bytes!", "mutual_user": "t"}, "mutual_secret",
+     ("missing",)),
+    ({"user": "a", "secret": "twelve-bytes!", "mutual_user": "t",
+      "mutual_secret": "twelve-bytes!"}, "mutual_secret", ("equals secret", "12.1.3")),
+    ({"user": "a\nb", "secret": "twelve-bytes!"}, "user", ("not a valid CHAP user",)),
+])
+def test_chap_section_rules(tmp_path: Path, auth: dict[str, Any], key: str,
+                            words: tuple[str, ...]) -> None:
+    one_error(tmp_path, chap(base(tmp_path), **auth), f"targets[0].auth.{key}", *words)
+
+
+def test_auth_keys_need_method_chap(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["targets"][0]["auth"] = {"method": "none", "user": "a"}
+    one_error(tmp_path, data, "targets[0].auth.user", "method: chap")
+    data["targets"][0]["auth"] = {"method": "kerberos"}
+    one_error(tmp_path, data, "targets[0].auth.method", "'kerberos'", "chap")
+    data["targets"][0]["auth"] = {"method": "chap", "user": "a", "secret": "twelve-bytes!",
+                                  "secert": 1}
+    one_error(tmp_path, data, "targets[0].auth.secert", "did you mean 'secret'")
+
+
+def test_one_secret_never_serves_both_directions_across_sections(tmp_path: Path) -> None:
+    data = chap(base(tmp_path), user="a", secret="target-one-sec", mutual_user="t",
+                mutual_secret="shared-secret-1")
+    data["discovery_auth"] = {"method": "chap", "user": "d", "secret": "shared-secret-1"}
+    one_error(tmp_path, data, "targets[0].auth.mutual_secret", "discovery_auth",
+              "one direction")
+
+
+def test_discovery_auth(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["discovery_auth"] = {"method": "chap", "user": "d", "secret": "discovery-secret"}
+    cfg = load_config(write(tmp_path, data))
+    assert (cfg.discovery_auth.method, cfg.discovery_auth.user) == ("chap", "d")
+    data["discovery_auth"] = {"method": "chap", "user": "d"}
+    one_error(tmp_path, data, "discovery_auth.secret", "missing")
+
+
+def acl_data(tmp: Path, acl: Any) -> dict[str, Any]:
+    data = base(tmp)
+    data["targets"][0]["luns"].append({"number": 3, "path": "disk3.img", "size": "1GiB"})
+    data["targets"][0]["acl"] = acl
+    return data
+
+
+def test_acl_entries(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, acl_data(tmp_path, [
+        {"initiator": "IQN.1994-05.com.redhat:Host1", "luns": [3, 0]},
+        {"initiator": "iqn.1994-05.com.redhat:host2"}])))
+    acl = cfg.targets[0].acl
+    assert acl is not None
+    assert [(e.initiator, e.luns) for e in acl] == [
+        ("iqn.1994-05.com.redhat:host1", (0, 3)), ("iqn.1994-05.com.redhat:host2", None)]
+    again = parse_config(dump_config(cfg), str(tmp_path / "x.yaml"))
+    assert again.targets[0].acl == acl
+
+
+@pytest.mark.parametrize("acl, key, words", [
+    ([], "targets[0].acl", ("is empty", "omit acl")),
+    (None, "targets[0].acl", ("is empty",)),
+    ("iqn.1994-05.com.redhat:h", "targets[0].acl", ("not a list",)),
+    ([{"luns": [0]}], "targets[0].acl[0].initiator", ("missing",)),
+    ([{"initiator": "host1"}], "targets[0].acl[0].initiator", ("not a valid iSCSI name",)),
+    ([{"initiator": "iqn.1994-05.com.redhat:h", "luns": [7]}], "targets[0].acl[0].luns[0]",
+     ("not a LUN of this target", "[0, 3]")),
+    ([{"initiator": "iqn.1994-05.com.redhat:h", "luns": [0, 0]}],
+     "targets[0].acl[0].luns[1]", ("twice",)),
+    ([{"initiator": "iqn.1994-05.com.redhat:h", "luns": ["0"]}],
+     "targets[0].acl[0].luns[0]", ("not a LUN number",)),
+    ([{"initiator": "iqn.1994-05.com.redhat:h", "luns": []}], "targets[0].acl[0].luns",
+     ("is empty",)),
+    ([{"initiator": "iqn.1994-05.com.redhat:h"}, {"initiator": "IQN.1994-05.com.redhat:H"}],
+     "targets[0].acl[1].initiator", ("already listed",)),
+    ([{"initiator": "iqn.1994-05.com.redhat:h", "lun": [0]}], "targets[0].acl[0].lun",
+     ("did you mean 'luns'",)),
+])
+def test_acl_rules(tmp_path: Path, acl: Any, key: str, words: tuple[str, ...]) -> None:
+    one_error(tmp_path, acl_data(tmp_path, acl), key, *words)
+
+
+@pytest.mark.parametrize("value, result", [(["crc32c"], ("CRC32C",)), (["None"], ("None",)),
+                                           (["None", "CRC32C"], ("None", "CRC32C"))])
+def test_digest_choices(tmp_path: Path, value: Any, result: tuple[str, ...]) -> None:
+    data = base(tmp_path)
+    data["iscsi"] = {"header_digest": value, "data_digest": value}
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.iscsi.header_digest == result == cfg.iscsi.data_digest
+
+
+@pytest.mark.parametrize("value, key, problem", [
+    ([], "iscsi.header_digest", "is empty"), ("CRC32C", "iscsi.header_digest", "not a list"),
+    (["md5"], "iscsi.header_digest[0]", "not a digest"),
+    (["None", "none"], "iscsi.header_digest[1]", "twice")])
+def test_digest_rules(tmp_path: Path, value: Any, key: str, problem: str) -> None:
+    data = base(tmp_path)
+    data["iscsi"] = {"header_digest": value}
+    one_error(tmp_path, data, key, problem, "CRC32C")
