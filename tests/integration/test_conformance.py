@@ -98,3 +98,38 @@ def test_expected_file_parses(tmp_path: Path) -> None:
     f.write_text("# comment\n\nReserve6.2Initiators  # RESERVE(6) not implemented\nA.B\n")
     assert load_expected(f) == {"Reserve6.2Initiators": "RESERVE(6) not implemented", "A.B": ""}
     assert load_expected(EXPECTED) is not None  # the real file parses
+
+
+def test_iscsi_test_cu_with_chap(tmp_path: Path) -> None:
+    """The same suite with CHAP required on the target: every login of every test runs the
+    challenge and response, and the results are the same as without it."""
+    from rig.procs import VsandTarget
+
+    user, secret = "conformance", "s3cret-chap-pass"
+    t = VsandTarget(tmp_path, extra_config={"targets": [{
+        "iqn": "iqn.2026-11.org.vsand:chap", "auth": {"method": "chap", "user": user,
+                                                     "secret": secret},
+        "luns": [{"number": 0, "path": str(tmp_path / "data" / "lun0.img"), "size": "256MiB"}],
+    }]}, iqn="iqn.2026-11.org.vsand:chap")
+    t.start()
+    try:
+        url = t.url(0).replace("iscsi://", f"iscsi://{user}%{secret}@")
+        run = run_conformance(url, suite_timeout_s=180, test_timeout_s=60, deadline_s=600)
+        REPORT.with_name(f"{REPORT.stem}-chap.txt").write_text("target: vsand+chap\n"
+                                                               + run.report())
+        print()
+        print(run.summary_line())
+        assert len(run.outcomes) >= 200, run.report()
+        expected = load_expected(EXPECTED)
+        unexpected = [o for o in run.failures() if o.name not in expected]
+        assert not unexpected, run.summary_line() + "\n" + "\n".join(
+            f"  {o.name}: {' | '.join(o.detail.splitlines())}" for o in unexpected)
+        passed = sum(o.status == PASSED for o in run.outcomes.values())
+        assert passed >= 180, run.summary_line()
+        # And without the secret nothing gets in.
+        import subprocess
+        out = subprocess.run(["iscsi-inq", t.url(0)], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode != 0 and "Vendor" not in out.stdout
+    finally:
+        t.stop()
