@@ -75,7 +75,9 @@ class Daemon:
                                    serial=lc.serial, naa_id=naa_for_serial(lc.serial),
                                    read_only=lc.read_only, write_cache=lc.write_cache,
                                    thin=lc.thin and not backend.is_block_device,
-                                   target_name=t.iqn)
+                                   target_name=t.iqn,
+                                   relative_ports=tuple(sorted({p.group_tag
+                                                                for p in self.config.portals})))
                 luns[lc.number] = Lun.from_params(lc.number, params, backend)
                 self.prstore.attach(t.iqn, lc.number, luns[lc.number].unit)
                 log.info("LUN %d of %s: %s, %d blocks of %d bytes%s", lc.number, t.iqn, lc.path,

@@ -98,13 +98,26 @@ def _designator(proto_codeset: int, piv_assoc_type: int, value: bytes) -> bytes:
     return bytes((proto_codeset, piv_assoc_type, 0, len(value))) + value
 
 
-def _vpd_device_id(lu: LogicalUnit) -> bytes:
+def relative_port(lu: LogicalUnit, nexus: str) -> int:
+    """The relative target port a nexus uses: its target portal group tag, the last field of
+    "<initiator>,i,0x<isid>,<target>,t,0x<tpgt>" (each portal group is one target port)."""
+    head, sep, tag = nexus.rpartition(",t,0x")
+    if sep:
+        try:
+            return int(tag, 16) & 0xFFFF
+        except ValueError:
+            pass
+    return lu.params.relative_port
+
+
+def _vpd_device_id(lu: LogicalUnit, nexus: str = "") -> bytes:
     p = lu.params
+    port = relative_port(lu, nexus)
     out = [
         _designator(0x01, 0x03, bytes(p.naa_id)),  # binary, LU, NAA
         _designator(0x02, 0x01, _ascii(p.vendor, 8) + p.serial.encode("ascii", "replace")),
         # iSCSI protocol identifier (5) with PIV, associated with the target port.
-        _designator(0x51, 0x94, U32.pack(p.relative_port & 0xFFFF)),  # relative target port
+        _designator(0x51, 0x94, U32.pack(port)),  # relative target port
         _designator(0x51, 0x95, U32.pack(p.port_group & 0xFFFF)),  # target port group
     ]
     if p.target_name:
@@ -178,7 +191,7 @@ def inquiry(target: ScsiTarget, lu: LogicalUnit | None, cmd: ScsiCommand) -> Scs
     build = _VPD_BUILDERS.get(page)
     if build is None:
         raise illegal(INVALID_FIELD_IN_CDB, 2)
-    body = build(lu)
+    body = _vpd_device_id(lu, cmd.nexus) if page == 0x83 else build(lu)
     if page in (0xB0, 0xB1, 0xB2):
         body = body[4:]  # the builders above lay the page out with its 4-byte header
     data = bytes((0, page)) + U16.pack(len(body)) + body
@@ -302,8 +315,11 @@ def report_target_port_groups(target: ScsiTarget, lu: LogicalUnit,
     p = lu.params
     # One group per node; this node reports the group it is.  Supported states: transitioning,
     # unavailable, standby, active/non-optimized, active/optimized (T|U|S|AN|AO_SUP).
+    ports = p.relative_ports or (p.relative_port,)
     desc = bytes((0x80 | lu.alua_state, 0x8F)) + U16.pack(p.port_group & 0xFFFF)
-    desc += bytes((0, 0, 0, 1)) + bytes(2) + U16.pack(p.relative_port & 0xFFFF)
+    desc += bytes((0, 0, 0, len(ports)))
+    for port in ports:
+        desc += bytes(2) + U16.pack(port & 0xFFFF)
     if fmt == 1:
         data = U32.pack(len(desc) + 4) + bytes((0x10, 0, 0, 0)) + desc
     else:

@@ -64,7 +64,10 @@ class LunParams:
     product: str = "VIRTUAL-DISK"
     revision: str = "0001"
     target_name: str = ""  # the iSCSI target name, for the SCSI name string designator
-    relative_port: int = 1  # relative target port identifier of the port the nexus uses
+    relative_port: int = 1  # relative target port of a nexus whose port is not known
+    # Every target port of this node (one per portal group, numbered by its tag), as
+    # REPORT TARGET PORT GROUPS lists them.
+    relative_ports: tuple[int, ...] = ()
     port_group: int = 1  # target port group (one per node)
     max_transfer_blocks: int = 0  # 0: derive from 8 MiB
     max_unmap_blocks: int = 0x100000
