@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import release_buffer
+from .backends.base import DEFAULT_POOL, release_buffer
 from .protocol.iscsi import pdu
 from .protocol.iscsi.pdu import RejectReason, TmfFunction, TmfResponse
 from .protocol.scsi.sense import CheckCondition
@@ -45,7 +45,7 @@ class Task:
         self.pdu = cmd
         self.lun = lun
         self.itt = cmd.itt
-        self.buf: bytearray | None = None
+        self.buf: memoryview | None = None
         self.received = 0
         self.unsol_end = 0
         self.unsol_open = False
@@ -89,11 +89,13 @@ class Task:
         self._progress()
 
     def _ensure_buffer(self) -> None:
+        # From the pool: no zeroing and no fresh pages per write.  Its stale bytes are never
+        # seen: the command gets only the first ``received`` bytes, all written by Data-Out.
         if self.buf is None:
-            self.buf = bytearray(self.pdu.edtl)
+            self.buf = DEFAULT_POOL.acquire(self.pdu.edtl)
 
     def data_view(self) -> memoryview | None:
-        return memoryview(self.buf)[:self.received] if self.buf is not None else None
+        return self.buf[:self.received] if self.buf is not None else None
 
     def on_data(self, msg: pdu.DataOut, bhs: bytes) -> None:
         n = len(msg.data)
@@ -321,7 +323,10 @@ class TaskTable:
             task.budget = 0
             self.budget_users -= 1
             self._wake_waiting()
-        task.buf = None
+        if task.buf is not None:
+            # Recycled only if nothing still holds a view of it (the pool checks).
+            release_buffer(task.buf)
+            task.buf = None
         if self._waiting and task in self._waiting:
             self._waiting.remove(task)
         if not self._tasks and self._idle is not None:

@@ -8,6 +8,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
+import crcmod.predefined
+
+# Not the library the daemon uses: digests are checked by an independent implementation.
+independent_crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+
 BHS = struct.Struct(">BBBBIQI7I")
 NOP_OUT, SCSI_CMD, TMF_REQ, LOGIN_REQ, TEXT_REQ, DATA_OUT, LOGOUT_REQ = 0, 1, 2, 3, 4, 5, 6
 NOP_IN, SCSI_RSP, TMF_RSP, LOGIN_RSP, TEXT_RSP, DATA_IN, LOGOUT_RSP = (0x20, 0x21, 0x22, 0x23,
@@ -158,3 +163,44 @@ class RawInitiator:
                 continue
             else:
                 raise AssertionError(f"unexpected opcode 0x{p.opcode:02x}")
+
+
+class DigestInitiator(RawInitiator):
+    """The raw initiator with header and data digests on, after login."""
+
+    digests = False
+    crc = staticmethod(independent_crc32c)
+    corrupt_header = False
+    corrupt_data = False
+
+    def send(self, op: int, b1: int, lunf: int = 0, itt: int = 0, words: tuple[int, ...] = (),
+             data: bytes = b"", immediate: bool = False, b2: int = 0, b3: int = 0,
+             cdb: bytes | None = None) -> None:
+        if not self.digests:
+            return super().send(op, b1, lunf, itt, words, data, immediate, b2, b3, cdb)
+        w = list(words) + [0] * (7 - len(words))
+        hdr = BHS.pack(op | (0x40 if immediate else 0), b1, b2, b3, len(data), lunf, itt, *w)
+        if cdb is not None:
+            hdr = hdr[:32] + cdb.ljust(16, b"\0")
+        hd = self.crc(hdr) ^ (1 if self.corrupt_header else 0)
+        body = data + bytes(pad(len(data)) - len(data))
+        out = hdr + struct.pack("<I", hd)
+        if data:
+            out += body + struct.pack("<I", self.crc(body) ^ (1 if self.corrupt_data else 0))
+        self.sock.sendall(out)
+
+    def recv(self, answer_pings: bool = True) -> Pdu:
+        if not self.digests:
+            return super().recv(answer_pings)
+        bhs = self._exact(48)
+        dlen = struct.unpack_from(">I", bhs, 4)[0] & 0xFFFFFF
+        ahs = self._exact(bhs[4] * 4) if bhs[4] else b""
+        (hd,) = struct.unpack("<I", self._exact(4))
+        assert hd == self.crc(bhs + ahs), "header digest from the target is wrong"
+        data = b""
+        if dlen:
+            body = self._exact(pad(dlen))
+            (dd,) = struct.unpack("<I", self._exact(4))
+            assert dd == self.crc(body), "data digest from the target is wrong"
+            data = body[:dlen]
+        return Pdu(bhs, data)

@@ -12,7 +12,8 @@ from pathlib import Path
 import crcmod.predefined
 import pytest
 
-from rawiscsi import (DATA_IN, LOGIN_RSP, REJECT, SCSI_RSP, BHS, Pdu, RawInitiator, pad)
+from rawiscsi import (DATA_IN, LOGIN_RSP, REJECT, SCSI_RSP, BHS, DigestInitiator, Pdu,
+                      RawInitiator, pad)
 from rig.procs import HOST, VsandTarget
 
 CHAP_IQN = "iqn.2026-11.org.vsand:chap"
@@ -200,46 +201,6 @@ def test_libiscsi_with_header_digests(digest_target: VsandTarget, suite: str) ->
                  "-I", "iqn.2026-11.org.vsand:hd-2", "--test", suite, digest_target.url(0)))
     assert "header digest CRC32C" in digest_target.stderr_tail(2000)
     assert "digest error" not in digest_target.stderr_tail(2000)
-
-
-class DigestInitiator(RawInitiator):
-    """The raw initiator with header and data digests on, after login."""
-
-    digests = False
-    corrupt_header = False
-    corrupt_data = False
-
-    def send(self, op: int, b1: int, lunf: int = 0, itt: int = 0, words: tuple[int, ...] = (),
-             data: bytes = b"", immediate: bool = False, b2: int = 0, b3: int = 0,
-             cdb: bytes | None = None) -> None:
-        if not self.digests:
-            return super().send(op, b1, lunf, itt, words, data, immediate, b2, b3, cdb)
-        w = list(words) + [0] * (7 - len(words))
-        hdr = BHS.pack(op | (0x40 if immediate else 0), b1, b2, b3, len(data), lunf, itt, *w)
-        if cdb is not None:
-            hdr = hdr[:32] + cdb.ljust(16, b"\0")
-        hd = crc32c(hdr) ^ (1 if self.corrupt_header else 0)
-        body = data + bytes(pad(len(data)) - len(data))
-        out = hdr + struct.pack("<I", hd)
-        if data:
-            out += body + struct.pack("<I", crc32c(body) ^ (1 if self.corrupt_data else 0))
-        self.sock.sendall(out)
-
-    def recv(self, answer_pings: bool = True) -> Pdu:
-        if not self.digests:
-            return super().recv(answer_pings)
-        bhs = self._exact(48)
-        dlen = struct.unpack_from(">I", bhs, 4)[0] & 0xFFFFFF
-        ahs = self._exact(bhs[4] * 4) if bhs[4] else b""
-        (hd,) = struct.unpack("<I", self._exact(4))
-        assert hd == crc32c(bhs + ahs), "header digest from the target is wrong"
-        data = b""
-        if dlen:
-            body = self._exact(pad(dlen))
-            (dd,) = struct.unpack("<I", self._exact(4))
-            assert dd == crc32c(body), "data digest from the target is wrong"
-            data = body[:dlen]
-        return Pdu(bhs, data)
 
 
 DIGEST_LOGIN = [("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C"),
