@@ -60,24 +60,39 @@ class AdminServer:
                     break
                 if not line:
                     break
-                writer.write(json.dumps(self.handle(line)).encode() + b"\n")
+                reply = self.handle(line)
+                if reply is None:
+                    reply = await self.reload()
+                writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    def handle(self, line: bytes) -> dict[str, Any]:
+    async def reload(self) -> dict[str, Any]:
+        from .reload import ReloadRefused, reload
+        try:
+            report = await reload(self.daemon)
+        except ReloadRefused as e:
+            return {"ok": False, "error": "config refused, the running one stays:\n"
+                    + "\n".join(e.errors)}
+        return {"ok": True, "result": {"changes": report.changes,
+                                       "restart_needed": report.restart_needed}}
+
+    def handle(self, line: bytes) -> dict[str, Any] | None:
         try:
             req = json.loads(line)
             cmd = req["cmd"] if isinstance(req, dict) else None
         except (ValueError, KeyError):
             return {"ok": False, "error": "a request is one JSON object with a \"cmd\" key"}
+        if cmd == "reload":
+            return None  # asynchronous: see _client
         handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
                    "alua": self.alua}.get(cmd)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} "
-                                          "(known: status, sessions, luns, alua)"}
+                                          "(known: status, sessions, luns, alua, reload)"}
         try:
             return {"ok": True, "result": handler(**req.get("args", {}))}
         except (TypeError, ValueError, KeyError) as e:

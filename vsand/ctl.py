@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("status", "daemon, portals, sessions"), ("sessions", "iSCSI sessions"),
-                       ("luns", "LUNs and their I/O counters")):
+                       ("luns", "LUNs and their I/O counters"),
+                       ("reload", "re-read the config file and apply what changed")):
         sub.add_parser(name, help=text)
     a = sub.add_parser("alua", help="show or set the ALUA access state of LUNs (testing, drills)")
     a.add_argument("--target", default="", help="target IQN (default: all)")
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:>14}: {v}")
     elif args.command == "sessions":
         print(_table(result, ["tsih", "initiator", "isid", "target", "peer", "tasks"]))
+    elif args.command == "reload":
+        for line in result["changes"] or ["nothing changed"]:
+            print(line)
+        for line in result["restart_needed"]:
+            print(f"needs a restart: {line}")
     elif args.command == "alua":
         print(_table(result, ["target", "lun", "state", "port_group"]))
     else:

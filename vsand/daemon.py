@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .admin import AdminServer
 from .backends.file import FileBackend
-from .config import Config, dump_config
+from .config import Config, LunConfig, PortalConfig, TargetConfig, dump_config
 from .iscsi_conn import Connection
 from .lun import Lun
 from .prstore import PrStore
@@ -33,6 +33,10 @@ DRAIN_TIMEOUT = 10.0
 STATUS_INTERVAL = 2.0
 
 
+def portal_of(p: PortalConfig) -> Portal:
+    return Portal(p.listen_host, p.listen_port, p.advertise_host, p.advertise_port, p.group_tag)
+
+
 def naa_for_serial(serial: str) -> bytes:
     """A 16-byte NAA IEEE Registered Extended designator derived from the LUN serial.
 
@@ -47,72 +51,87 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.registry: TargetRegistry | None = None
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: dict[tuple[str, int], asyncio.AbstractServer] = {}
         self.backends: list[FileBackend] = []
         self.executor = ThreadPoolExecutor(max_workers=config.io_threads,
                                            thread_name_prefix="vsand-io")
-        self.config_digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
+        self.config_digest = ""
+        self.refresh_digest()
         self.admin = AdminServer(self, config.admin_socket)
         # Identifier+challenge pairs initiators used for mutual CHAP, across all logins.
         self.chap_guard = ReplayGuard()
         self.prstore = PrStore(config.data_dir)  # APTPL reservations, per LU
 
-    def _build_targets(self) -> list[TargetNode]:
-        nodes = []
-        for t in self.config.targets:
-            luns: dict[int, Lun] = {}
-            for lc in t.luns:
-                if lc.size and not os.path.exists(lc.path):
-                    FileBackend.create_sparse(lc.path, lc.size)
-                    log.info("created sparse file %s (%d bytes)", lc.path, lc.size)
-                elif lc.size and os.path.isfile(lc.path) and os.path.getsize(lc.path) < lc.size:
-                    FileBackend.create_sparse(lc.path, lc.size)
-                backend = FileBackend(lc.path, block_size=lc.block_size, size=lc.size or None,
-                                      read_only=lc.read_only, executor=self.executor)
-                backend.open()
-                self.backends.append(backend)
-                params = LunParams(block_size=lc.block_size, blocks=backend.size // lc.block_size,
-                                   serial=lc.serial, naa_id=naa_for_serial(lc.serial),
-                                   read_only=lc.read_only, write_cache=lc.write_cache,
-                                   thin=lc.thin and not backend.is_block_device,
-                                   target_name=t.iqn,
-                                   relative_ports=tuple(sorted({p.group_tag
-                                                                for p in self.config.portals})))
-                luns[lc.number] = Lun.from_params(lc.number, params, backend)
-                self.prstore.attach(t.iqn, lc.number, luns[lc.number].unit)
-                log.info("LUN %d of %s: %s, %d blocks of %d bytes%s", lc.number, t.iqn, lc.path,
-                         params.blocks, lc.block_size, " (read-only)" if lc.read_only else "")
-            nodes.append(TargetNode(t.iqn, t.alias, luns, acl=acl_map(t.acl),
-                                    auth=auth_policy(t.auth, self.chap_guard)))
-        return nodes
+    def refresh_digest(self) -> None:
+        # Shown by vsanctl status, so drift between nodes' configs is visible.
+        self.config_digest = hashlib.sha256(dump_config(self.config).encode()).hexdigest()[:16]
+
+    def build_lun(self, iqn: str, lc: LunConfig) -> Lun:
+        """Open (creating or growing a sparse file where the config says so) one LUN."""
+        if lc.size and not os.path.exists(lc.path):
+            FileBackend.create_sparse(lc.path, lc.size)
+            log.info("created sparse file %s (%d bytes)", lc.path, lc.size)
+        elif lc.size and os.path.isfile(lc.path) and os.path.getsize(lc.path) < lc.size:
+            FileBackend.create_sparse(lc.path, lc.size)
+        backend = FileBackend(lc.path, block_size=lc.block_size, size=lc.size or None,
+                              read_only=lc.read_only, executor=self.executor)
+        backend.open()
+        self.backends.append(backend)
+        params = LunParams(block_size=lc.block_size, blocks=backend.size // lc.block_size,
+                           serial=lc.serial, naa_id=naa_for_serial(lc.serial),
+                           read_only=lc.read_only, write_cache=lc.write_cache,
+                           thin=lc.thin and not backend.is_block_device, target_name=iqn,
+                           relative_ports=tuple(sorted({p.group_tag
+                                                        for p in self.config.portals})))
+        lun = Lun.from_params(lc.number, params, backend)
+        self.prstore.attach(iqn, lc.number, lun.unit)
+        log.info("LUN %d of %s: %s, %d blocks of %d bytes%s", lc.number, iqn, lc.path,
+                 params.blocks, lc.block_size, " (read-only)" if lc.read_only else "")
+        return lun
+
+    def build_target(self, t: TargetConfig) -> TargetNode:
+        luns = {lc.number: self.build_lun(t.iqn, lc) for lc in t.luns}
+        return TargetNode(t.iqn, t.alias, luns, acl=acl_map(t.acl),
+                          auth=auth_policy(t.auth, self.chap_guard))
+
+    def close_lun(self, lun: Lun) -> None:
+        if lun.backend in self.backends:
+            self.backends.remove(lun.backend)
+        lun.backend.close()
+
+    def offer(self, c: Config) -> TargetOffer:
+        ic = c.iscsi
+        return TargetOffer(max_recv_data_segment_length=ic.max_recv_data_segment_length,
+                           first_burst_length=ic.first_burst_length,
+                           max_burst_length=ic.max_burst_length,
+                           immediate_data=ic.immediate_data, initial_r2t=ic.initial_r2t,
+                           max_outstanding_r2t=ic.max_outstanding_r2t,
+                           header_digests=ic.header_digest, data_digests=ic.data_digest)
+
+    async def listen(self, portal: Portal) -> None:
+        assert self.registry is not None
+        registry = self.registry
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Connection(registry, portal), portal.listen_host, portal.listen_port,
+            reuse_address=True)
+        self.servers[(portal.listen_host, portal.listen_port)] = server
+        log.info("listening on %s:%d (portal group %d)", portal.listen_host,
+                 portal.listen_port, portal.group_tag)
 
     async def start(self) -> None:
         c = self.config
         ic = c.iscsi
-        offer = TargetOffer(max_recv_data_segment_length=ic.max_recv_data_segment_length,
-                            first_burst_length=ic.first_burst_length,
-                            max_burst_length=ic.max_burst_length,
-                            immediate_data=ic.immediate_data, initial_r2t=ic.initial_r2t,
-                            max_outstanding_r2t=ic.max_outstanding_r2t,
-                            header_digests=ic.header_digest, data_digests=ic.data_digest)
         for warning in c.warnings:
             log.warning("%s", warning)
-        portals = [Portal(p.listen_host, p.listen_port, p.advertise_host, p.advertise_port,
-                          p.group_tag) for p in c.portals]
-        self.registry = TargetRegistry(self._build_targets(), portals, offer,
-                                       window=ic.queue_depth, nop_interval=ic.nop_interval,
+        portals = [portal_of(p) for p in c.portals]
+        self.registry = TargetRegistry([self.build_target(t) for t in c.targets], portals,
+                                       self.offer(c), window=ic.queue_depth,
+                                       nop_interval=ic.nop_interval,
                                        nop_timeout=ic.nop_timeout, login_timeout=ic.login_timeout,
                                        discovery_auth=auth_policy(c.discovery_auth,
                                                                   self.chap_guard))
-        loop = asyncio.get_running_loop()
-        registry = self.registry
         for portal in portals:
-            server = await loop.create_server(lambda p=portal: Connection(registry, p),
-                                              portal.listen_host, portal.listen_port,
-                                              reuse_address=True)
-            self.servers.append(server)
-            log.info("listening on %s:%d (portal group %d)", portal.listen_host,
-                     portal.listen_port, portal.group_tag)
+            await self.listen(portal)
         try:
             await self.admin.start()
         except OSError as e:
@@ -123,7 +142,7 @@ class Daemon:
             log.warning("metrics endpoint %s unavailable: %s", self.config.metrics_listen, e)
 
     async def stop(self) -> None:
-        for server in self.servers:
+        for server in self.servers.values():
             server.close()
         await self.admin.stop()
         registry = self.registry
@@ -139,7 +158,7 @@ class Daemon:
             for c in conns:
                 c.close()
             await asyncio.sleep(0)
-        for server in self.servers:
+        for server in self.servers.values():
             await server.wait_closed()
         for backend in self.backends:
             try:
@@ -155,6 +174,7 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_logged()))
         notifier = Notifier()
         await self.start()
         log.info("vsand ready")
@@ -169,6 +189,17 @@ class Daemon:
             status_task.cancel()
         await self.stop()
         notifier.close()
+
+    async def reload_logged(self) -> None:
+        """SIGHUP: reload the config file; problems are logged, the old config keeps running."""
+        from .reload import ReloadRefused, reload
+        try:
+            await reload(self)
+        except ReloadRefused as e:
+            for line in e.errors:
+                log.error("reload refused: %s", line)
+        except Exception:
+            log.exception("reload failed")
 
     def status_line(self) -> str:
         reg = self.registry

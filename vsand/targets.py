@@ -128,6 +128,16 @@ class TargetNode:
             self._views[permitted] = view
         return view
 
+    def views(self) -> list[TargetView]:
+        """Every view sessions may hold: the full one and the cached restricted ones."""
+        return [self.full, *self._views.values()]
+
+    def set_acl(self, acl: Mapping[str, tuple[int, ...] | None] | None) -> None:
+        """A new access list (reload); sessions keep the views they have until the caller
+        ends those whose access changed."""
+        self.acl = acl
+        self._views = {}
+
     def start(self, task: Task, cmd: ScsiCommand) -> None:
         self.full.start(task, cmd)
 

@@ -220,6 +220,16 @@ class FileBackend(Backend):
         if not fut.cancelled():
             fut.exception()  # retrieved: a cancelled caller must not leave a warning behind
 
+    def grow(self, size: int) -> None:
+        """Online resize: a regular file grows sparse to ``size``; never shrinks."""
+        if size <= self.size:
+            return
+        if self.is_block_device:
+            raise OSError(errno.EINVAL, f"{self.path}: a block device's size is its own")
+        self._check_writable()
+        os.ftruncate(self._fd, size)
+        self.size = size
+
     # -- read -------------------------------------------------------------------------------
 
     def try_read(self, offset: int, length: int) -> memoryview | None:
