@@ -52,6 +52,11 @@ _WRITE_OPS = frozenset(
 )
 _CHECK_CONDITION = int(Status.CHECK_CONDITION)
 NOT_DONE: Any = object()  # try_block: "needs the async path"
+# Bucket i counts requests under 2**i * 1024 ns.  64 buckets cannot overflow (2**64 µs is
+# longer than any run), so the I/O path indexes without a bounds check; the exporter folds the
+# ones past HIST_BUCKETS into +Inf.
+HIST_BUCKETS = 24
+_HIST_SLOTS = 64
 
 
 class ScsiTarget(Protocol):
@@ -76,6 +81,8 @@ class Lun:
         "other_ops",
         "other_ns",
         "errors",
+        "read_hist",
+        "write_hist",
     )
 
     def __init__(self, number: int, unit: LogicalUnit, backend: Backend) -> None:
@@ -99,6 +106,10 @@ class Lun:
         self.other_ops = 0
         self.other_ns = 0
         self.errors = 0
+        # Latency histograms: bucket i counts requests that took under 2**i µs (the last one
+        # everything slower).  A list index and an int add per I/O; exported at scrape time.
+        self.read_hist = [0] * _HIST_SLOTS
+        self.write_hist = [0] * _HIST_SLOTS
 
     @classmethod
     def from_params(cls, number: int, params: LunParams, backend: Backend) -> Lun:
@@ -110,20 +121,28 @@ class Lun:
         bs = self.block_size
         if op is _READ:
             n = req.blocks * bs
+            t0 = _now_ns()
             buf = self.backend.try_read(req.lba * bs, n)
             if buf is None:
                 return NOT_DONE
+            dt = _now_ns() - t0
             self.read_ops += 1
             self.read_bytes += n
+            self.read_ns += dt
+            self.read_hist[(dt >> 10).bit_length()] += 1
             return buf
         if op is _WRITE:
             data = req.data
             if data is None or req.fua or not self.unit.write_cache:
                 return NOT_DONE
+            t0 = _now_ns()
             if not self.backend.try_write(req.lba * bs, data):
                 return NOT_DONE
+            dt = _now_ns() - t0
             self.write_ops += 1
             self.write_bytes += len(data)
+            self.write_ns += dt
+            self.write_hist[(dt >> 10).bit_length()] += 1
             return None
         return NOT_DONE
 
@@ -136,9 +155,11 @@ class Lun:
             if op is _READ:
                 n = req.blocks * bs
                 buf = await self.backend.read(req.lba * bs, n)
+                dt = _now_ns() - t0
                 self.read_ops += 1
                 self.read_bytes += n
-                self.read_ns += _now_ns() - t0
+                self.read_ns += dt
+                self.read_hist[(dt >> 10).bit_length()] += 1
                 return buf
             if op is _WRITE:
                 data = req.data
@@ -146,9 +167,11 @@ class Lun:
                     raise OSError(errno.EINVAL, "WRITE without data")
                 fua = req.fua or not self.unit.write_cache
                 await self.backend.write(req.lba * bs, data, fua)
+                dt = _now_ns() - t0
                 self.write_ops += 1
                 self.write_bytes += len(data)
-                self.write_ns += _now_ns() - t0
+                self.write_ns += dt
+                self.write_hist[(dt >> 10).bit_length()] += 1
                 return None
             result = await self._execute_other(req, bs)
             self.other_ops += 1

@@ -12,10 +12,15 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, REGISTRY
+from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .lun import HIST_BUCKETS
+
+# Upper bounds of the latency buckets, in seconds: bucket i holds requests under 2**i * 1024 ns.
+_BOUNDS = [f"{(1 << i) * 1024e-9:.9g}" for i in range(HIST_BUCKETS - 1)] + ["+Inf"]
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -58,6 +63,9 @@ class VsandCollector(Collector):
                                    labels=labels + ["op"])
         errors = CounterMetricFamily("vsand_lun_errors", "block requests failed", labels=labels)
         size = GaugeMetricFamily("vsand_lun_size_bytes", "LUN capacity", labels=labels)
+        latency = HistogramMetricFamily("vsand_lun_latency_seconds",
+                                        "block request latency at the backend (and, for "
+                                        "mirrored LUNs, the replicas)", labels=labels + ["op"])
         for t in reg.targets.values():
             for n, lun in t.luns.items():
                 lv = [t.name, str(n)]
@@ -71,11 +79,21 @@ class VsandCollector(Collector):
                 secs.add_metric(lv + ["other"], lun.other_ns / 1e9)
                 errors.add_metric(lv, lun.errors)
                 size.add_metric(lv, lun.unit.params.blocks * lun.unit.params.block_size)
+                for op, hist, total in (("read", lun.read_hist, lun.read_ns),
+                                        ("write", lun.write_hist, lun.write_ns)):
+                    counts = list(hist)
+                    buckets, acc = [], 0
+                    for bound, count in zip(_BOUNDS[:-1], counts):
+                        acc += count
+                        buckets.append((bound, acc))
+                    buckets.append(("+Inf", sum(counts)))
+                    latency.add_metric(lv + [op], buckets, total / 1e9)
         yield ops
         yield nbytes
         yield secs
         yield errors
         yield size
+        yield latency
 
 
 def start_metrics(daemon: Daemon, listen: str) -> None:

@@ -101,3 +101,27 @@ def test_alua_state_set_with_vsanctl_reaches_initiators(tmp_path) -> None:
         c.close()
     finally:
         t.stop()
+
+
+def test_latency_histograms_are_cumulative_and_count_every_io(tmp_path) -> None:
+    mport = free_port()
+    t = VsandTarget(tmp_path, extra_config={"metrics": {"listen": f"127.0.0.1:{mport}"}})
+    t.start()
+    try:
+        out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 64k", "-c", "read 0 64k",
+                              "-c", "read 64k 4k", t.url(0)], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        m = _scrape(mport)
+        lab = f'lun="0",op="read",target="{t.iqn}"'
+        buckets = sorted(((float(k.split('le="')[1].split('"')[0]), v) for k, v in m.items()
+                          if k.startswith("vsand_lun_latency_seconds_bucket") and lab in k
+                          and "+Inf" not in k))
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts)  # cumulative
+        inf = m[f'vsand_lun_latency_seconds_bucket{{le="+Inf",{lab}}}']
+        ops = m[f'vsand_lun_ops_total{{{lab}}}']
+        assert inf == ops >= 2
+        assert m[f'vsand_lun_latency_seconds_count{{{lab}}}'] == ops
+    finally:
+        t.stop()
