@@ -80,7 +80,7 @@ def _standard_inquiry(lu: LogicalUnit | None) -> bytes:
     d[2] = 0x06  # SPC-4: libiscsi's INQUIRY test refuses 0x07 (SPC-5) as a version
     d[3] = 0x12  # HISUP, response data format 2
     d[4] = len(d) - 5
-    d[5] = 0x10  # TPGS=01b: implicit ALUA only
+    d[5] = 0x18  # TPGS=01b: implicit ALUA only; 3PC: EXTENDED COPY is supported
     d[6] = 0x10  # MULTIP: the LU is reachable through ports on several nodes
     d[7] = 0x02  # CMDQUE
     if p is not None:
@@ -316,7 +316,8 @@ def report_target_port_groups(target: ScsiTarget, lu: LogicalUnit,
     # One group per node; this node reports the group it is.  Supported states: transitioning,
     # unavailable, standby, active/non-optimized, active/optimized (T|U|S|AN|AO_SUP).
     ports = p.relative_ports or (p.relative_port,)
-    desc = bytes((0x80 | lu.alua_state, 0x8F)) + U16.pack(p.port_group & 0xFFFF)
+    # PREF stays clear: Linux multipath ranks a preferred group above a better state.
+    desc = bytes((lu.alua_state, 0x8F)) + U16.pack(p.port_group & 0xFFFF)
     desc += bytes((0, 0, 0, len(ports)))
     for port in ports:
         desc += bytes(2) + U16.pack(port & 0xFFFF)

@@ -55,7 +55,7 @@ def test_discovery_commands_still_answer(state: str) -> None:
     rtpg = h.run([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], nexus="I1")
     assert sense(rtpg) == GOOD
     data = bytes(rtpg.data)
-    assert data[4] & 0x0F == alua.STATES[state] and data[4] & 0x80  # PREF, state
+    assert data[4] == alua.STATES[state]  # PREF clear, the state
     assert data[5] == 0x8F  # T_SUP U_SUP S_SUP AN_SUP AO_SUP
 
 
