@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vsand.iscsi")
 
+PERSISTENT_RESERVE_OUT = 0x5F
+
 # Login status classes/details (RFC 7143 §11.13.5).
 AUTHORIZATION_FAILURE = (0x02, 0x02)
 TARGET_NOT_FOUND = (0x02, 0x03)
@@ -77,6 +79,8 @@ class TargetView:
         self.answer(task, cmd, await outcome)
 
     def answer(self, task: Task, cmd: ScsiCommand, result: ScsiResult) -> None:
+        if cmd.cdb[0] == PERSISTENT_RESERVE_OUT:
+            self._abort_preempted(task, cmd.lun)
         try:
             write_residual = 0
             if task.pdu.write:
@@ -92,6 +96,25 @@ class TargetView:
             release_result(result)
             task.finish()
             task.conn.close()
+
+
+    def _abort_preempted(self, task: Task, lun: int) -> None:
+        """PREEMPT AND ABORT: the preempted nexuses' commands on this LU end before its GOOD
+        (SPC-5 5.14.11.2.6); with TAS=0 they get no status."""
+        lu = self.scsi.luns.get(lun)
+        if lu is None or not lu.pr.pending_aborts:
+            return
+        victims = set(lu.pr.pending_aborts)
+        lu.pr.pending_aborts.clear()
+        for conn in list(task.conn.registry.connections):
+            s = conn.session
+            if s is None or s.nexus not in victims:
+                continue
+            for t in list(conn.tasks):
+                if t.lun == lun and t is not task:
+                    conn.tasks.abort(t)
+            log.info("PREEMPT AND ABORT: commands of %s on LUN %d aborted", s.initiator_name,
+                     lun)
 
 
 @dataclass(eq=False)

@@ -22,7 +22,8 @@ reservation (SPC-5 5.14.3) and otherwise decide for themselves; ``L`` is RESERVE
 whose handlers decide (any registration makes them conflict).
 
 PREEMPT AND ABORT preempts like PREEMPT; the I_T nexuses whose tasks must be aborted are
-appended to ``pending_aborts`` for the transport to act on (it is not acted on yet).
+appended to ``pending_aborts``; the transport aborts their commands on the LU before the
+PREEMPT AND ABORT completes (vsand/targets.py).
 
 State changes that matter after a power loss call ``lu.on_pr_change`` with ``to_bytes()``
 while APTPL is set, or with None once it is not, so the daemon can keep (or drop) a copy.
