@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
 from vsand.protocol.block import BlockOp, BlockRequest
+from vsand.protocol.recvbuf import EMPTY as _EMPTY, ReceiveBuffer
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -76,7 +77,6 @@ assert _HEAD.size + _CRC.size == HEADER_LEN
 # The header fields after type, in wire order, less the payload length and reserved word:
 # (flags, lun, blocks, epoch, arg, seq, request_id, lba, arg64).
 Fields: TypeAlias = tuple[int, int, int, int, int, int, int, int, int]
-_EMPTY = memoryview(b"")
 
 
 class PeerProtocolError(Exception):
@@ -575,7 +575,7 @@ def encode(msg: Message) -> list[Buffer]:
     return [head + _CRC.pack(crc32c(head)), payload, _CRC.pack(crc32c(payload))]
 
 
-class MessageReader:
+class MessageReader(ReceiveBuffer):
     """Accumulates received bytes; ``next_message`` returns each message once it is whole.
 
     Bytes live in one buffer that the socket reads straight into (``writable``/``commit``, for
@@ -586,55 +586,16 @@ class MessageReader:
     buffered.  After a PeerProtocolError the stream is out of step: discard the reader.
     """
 
-    __slots__ = ("_buf", "_pos", "_end", "_need", "max_payload")
+    __slots__ = ("max_payload",)
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         if max_payload < 0:
             raise ValueError("max_payload must not be negative")
         self.max_payload = max_payload
-        self._buf = bytearray(MIN_CAPACITY)
-        self._pos = 0
-        self._end = 0
-        self._need = 0  # bytes of the frame at _pos, once its header has been read
-
-    @property
-    def buffered(self) -> int:
-        return self._end - self._pos
+        super().__init__(MIN_CAPACITY)
 
     def writable(self, min_room: int = MIN_ROOM) -> memoryview:
-        """Where the next received bytes go, then ``commit(n)``: room for at least the rest
-        of a partly received frame, so a large payload is not moved again and again."""
-        room = max(min_room, self._need - (self._end - self._pos))
-        if len(self._buf) - self._end < room:
-            self._make_room(room)
-        return memoryview(self._buf)[self._end:]
-
-    def commit(self, n: int) -> None:
-        if n < 0 or self._end + n > len(self._buf):
-            raise ValueError("commit beyond the writable area")
-        self._end += n
-
-    def feed(self, data: Buffer) -> None:
-        n = _nbytes(data)
-        if len(self._buf) - self._end < n:
-            self._make_room(n)
-        self._buf[self._end:self._end + n] = data
-        self._end += n
-
-    def _make_room(self, room: int) -> None:
-        unread = self._end - self._pos
-        size = max(MIN_CAPACITY, unread + room)
-        buf = self._buf
-        if size <= len(buf) and _unshared(buf):
-            if unread and self._pos:
-                buf[:unread] = buf[self._pos:self._end]
-        else:
-            fresh = bytearray(max(size, MIN_CAPACITY))
-            if unread:
-                fresh[:unread] = memoryview(buf)[self._pos:self._end]
-            self._buf = fresh
-        self._pos = 0
-        self._end = unread
+        return super().writable(min_room)
 
     def next_message(self) -> Message | None:
         """The next whole message, or None until more bytes arrive."""
@@ -665,9 +626,9 @@ class MessageReader:
         data_at = pos + HEADER_LEN
         end = data_at + length + (TRAILER_LEN if length else 0)
         if self._end < end:
-            self._need = end - pos
+            self.need = end - pos
             return None
-        self._need = 0
+        self.need = 0
         self._pos = end
         # An empty payload must not be a view: it would pin this buffer for nothing.
         payload = view[data_at:data_at + length] if length else _EMPTY
@@ -687,13 +648,3 @@ class MessageReader:
             raise PeerProtocolError(f"{msg.TYPE.name} with {length} payload bytes, of which "
                                     f"it uses {_nbytes(again)}")
         return msg
-
-
-def _unshared(buf: bytearray) -> bool:
-    """True when no view of ``buf`` is alive: a bytearray cannot resize while one is."""
-    try:
-        buf.append(0)
-    except BufferError:
-        return False
-    buf.pop()
-    return True

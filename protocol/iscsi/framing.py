@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..recvbuf import EMPTY, ReceiveBuffer
 from .pdu import BHS_LEN, PduError, RejectReason, padded, pad_for, peek_lengths
 
 # CRC32C as iSCSI uses it (RFC 7143 §13.1): f(data, crc) continues a CRC begun with crc=0.
@@ -16,9 +17,7 @@ from .pdu import BHS_LEN, PduError, RejectReason, padded, pad_for, peek_lengths
 # 32 zero bytes -> aa 36 91 8a).
 Digest = Callable[[bytes | bytearray | memoryview, int], int]
 MAX_AHS = 1024  # TotalAHSLength can say 1020 bytes at most
-_EMPTY = memoryview(b"")
 MIN_CAPACITY = 64 * 1024
-MIN_ROOM = 16 * 1024
 
 
 class DigestError(Exception):
@@ -28,65 +27,23 @@ class DigestError(Exception):
         self.is_header = is_header
 
 
-class PduReader:
+class PduReader(ReceiveBuffer):
     """Accumulates received bytes; ``next_pdu`` returns (bhs, ahs, data) once a PDU is whole.
 
-    Bytes live in one preallocated buffer that the socket can read straight into
-    (``writable``/``commit``, for ``asyncio.BufferedProtocol``) or that ``feed`` copies into.
-    Data segments are handed out as views of it, not copies, so a write payload is copied once,
-    to its destination.  The buffer is never changed in place while such a view may be alive:
-    when room is needed and a view is still held, the unread bytes move to a fresh buffer and
-    the holder keeps the old one.
+    Data segments are views into the receive buffer (see ``protocol.recvbuf``).
     """
 
-    __slots__ = ("_buf", "_pos", "_end", "max_data", "header_digest", "data_digest")
+    __slots__ = ("max_data", "header_digest", "data_digest")
 
     def __init__(self, max_data: int = 8192) -> None:
         self.max_data = max_data
-        self._buf = bytearray(self._capacity())
-        self._pos = 0
-        self._end = 0
+        super().__init__(MIN_CAPACITY)
         self.header_digest: Digest | None = None
         self.data_digest: Digest | None = None
 
-    def _capacity(self) -> int:
+    def capacity(self) -> int:
         # Two of the largest PDUs this side accepts: one being parsed, one arriving.
         return max(MIN_CAPACITY, 2 * (BHS_LEN + MAX_AHS + 8 + padded(self.max_data)))
-
-    @property
-    def buffered(self) -> int:
-        return self._end - self._pos
-
-    def writable(self, min_room: int = MIN_ROOM) -> memoryview:
-        """Where the next received bytes go; follow with ``commit(n)``."""
-        if len(self._buf) - self._end < min_room:
-            self._make_room(min_room)
-        return memoryview(self._buf)[self._end:]
-
-    def commit(self, n: int) -> None:
-        self._end += n
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        if len(self._buf) - self._end < n:
-            self._make_room(n)
-        self._buf[self._end:self._end + n] = data
-        self._end += n
-
-    def _make_room(self, room: int) -> None:
-        unread = self._end - self._pos
-        size = max(self._capacity(), unread + room)
-        buf = self._buf
-        if size <= len(buf) and _unshared(buf):
-            if unread:
-                buf[:unread] = buf[self._pos:self._end]
-        else:
-            fresh = bytearray(size)
-            if unread:
-                fresh[:unread] = memoryview(buf)[self._pos:self._end]
-            self._buf = fresh
-        self._pos = 0
-        self._end = unread
 
     def next_pdu(self) -> tuple[bytes, bytes, memoryview] | None:
         pos = self._pos
@@ -105,7 +62,9 @@ class PduReader:
         data_at = pos + BHS_LEN + head.ahs_len + hd
         end = data_at + padded(head.data_len) + dd
         if self._end < end:
-            return None  # the next writable()/feed() makes room for the rest
+            self.need = end - pos  # the next writable() makes room for all of it
+            return None
+        self.need = 0
         bhs = bytes(view[pos:pos + BHS_LEN])
         ahs = bytes(view[pos + BHS_LEN:pos + BHS_LEN + head.ahs_len]) if head.ahs_len else b""
         if hd:
@@ -115,7 +74,7 @@ class PduReader:
                 # The lengths cannot be trusted either: the connection must go.
                 self._pos = end
                 raise DigestError(bhs, True)
-        data = view[data_at:data_at + head.data_len] if head.data_len else _EMPTY
+        data = view[data_at:data_at + head.data_len] if head.data_len else EMPTY
         self._pos = end
         if dd:
             assert self.data_digest is not None
@@ -123,16 +82,6 @@ class PduReader:
             if self.data_digest(view[data_at:end - 4], 0) != got:
                 raise DigestError(bhs, False)
         return bhs, ahs, data
-
-
-def _unshared(buf: bytearray) -> bool:
-    """True when no view of ``buf`` is alive: a bytearray cannot resize while one is."""
-    try:
-        buf.append(0)
-    except BufferError:
-        return False
-    buf.pop()
-    return True
 
 
 def frame(header: bytes, data: bytes | bytearray | memoryview | None,
