@@ -142,7 +142,8 @@ def _read(lu: LogicalUnit, flags: int, lba: int, n: int) -> Result:
     return _read_task(BlockRequest(READ, lba, n, None, bool(flags & FUA)))
 
 
-def _write(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int) -> Result:
+def _check_write(lu: LogicalUnit, flags: int, lba: int, n: int) -> bool:
+    """The checks every block-writing command shares; False for a zero-length no-op."""
     p = lu.params
     if flags & PROTECT:
         raise illegal(INVALID_FIELD_IN_CDB, 1, 7)
@@ -150,10 +151,15 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int) -> R
         raise _write_protected()
     if lba + n > p.blocks:
         raise _oob()
-    if not n:
-        return ScsiResult(GOOD)
     if n > max_transfer_blocks(lu):
         raise illegal(INVALID_FIELD_IN_CDB)
+    return n > 0
+
+
+def _write(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int) -> Result:
+    p = lu.params
+    if not _check_write(lu, flags, lba, n):
+        return ScsiResult(GOOD)
     # EDTL shorter than the CDB's transfer (an overflow): write the whole blocks that came and
     # let the transport report the residual, as libiscsi's residual tests and LIO expect.
     sent = len(cmd.data_out) if cmd.data_out is not None else 0
@@ -257,16 +263,8 @@ def write_and_verify(target: ScsiTarget, lu: LogicalUnit, cmd: ScsiCommand) -> R
 def orwrite(target: ScsiTarget, lu: LogicalUnit, cmd: ScsiCommand) -> Result:
     _, flags, lba, n, _, _ = RW16.unpack_from(cmd.cdb)
     p = lu.params
-    if flags & PROTECT:
-        raise illegal(INVALID_FIELD_IN_CDB, 1, 7)
-    if p.read_only:
-        raise _write_protected()
-    if lba + n > p.blocks:
-        raise _oob()
-    if not n:
+    if not _check_write(lu, flags, lba, n):
         return ScsiResult(GOOD)
-    if n > max_transfer_blocks(lu):
-        raise illegal(INVALID_FIELD_IN_CDB)
     data = data_out(cmd, n * p.block_size)
     return _orwrite_task(lba, n, data, bool(flags & FUA) or not p.write_cache)
 
