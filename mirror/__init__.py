@@ -1,0 +1,22 @@
+"""Synchronous replication between vsand nodes: the sans-IO building blocks.
+
+Nothing here does I/O; the daemon (``vsand/``) will own the sockets, files and timers and drive
+these state machines.  How they fit, for one mirrored LUN on each node:
+
+- ``ordering.OrderingEngine`` orders writes cluster-wide: one sequencer per LUN and epoch
+  numbers every write, each replica applies overlapping writes in number order, the node a
+  write arrived at answers the initiator once every in-sync replica has applied it.
+- ``messages`` frames what crosses a peer link (CRC32C header and payload, zero-copy payload
+  views, strict decoding); ``handshake`` authenticates a link (HMAC-SHA256 over both nonces)
+  and agrees on cluster, nodes, version and LUN geometry.
+- ``bitmap.DirtyBitmap`` and ``activity_log.ActivityLog`` record, on stable storage through a
+  ``metastore.MetaStore``, which regions a replica that left the in-sync set is missing, before
+  the write that dirtied them is acknowledged, with one store write per newly active region.
+- ``generations`` keeps per-replica data generation identifiers and decides the sync direction
+  on reconnect (or reports a split brain / unrelated data for an operator).
+- ``resync`` and ``verify`` plan the copy of dirty regions (rate-limited by ``ratelimit``,
+  yielding to foreground I/O) and the online comparison of region checksums.
+
+Not yet built: the daemon side (peer links, the cluster manager wiring these into ``Lun``
+writes, the cluster config, ``vsand demo``) and the quorum/witness layer.
+"""
