@@ -81,6 +81,9 @@ class TargetView:
     def answer(self, task: Task, cmd: ScsiCommand, result: ScsiResult) -> None:
         if cmd.cdb[0] == PERSISTENT_RESERVE_OUT:
             self._abort_preempted(task, cmd.lun)
+        # The command is done with its data: dropping this view lets the task's pooled
+        # buffer be recycled when the task finishes (a live view would make the pool drop it).
+        cmd.data_out = None
         try:
             write_residual = 0
             if task.pdu.write:
