@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 import timeit
 import urllib.request
 from pathlib import Path

@@ -15,13 +15,12 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import release_buffer
 from .protocol.iscsi import pdu
 from .protocol.iscsi.framing import DigestError, PduReader, frame
-from .protocol.iscsi.pdu import Op, PduError, RejectReason
+from .protocol.iscsi.pdu import PduError, RejectReason
 from .protocol.iscsi.login import LoginMachine, SessionParams, TargetInfo
 from .protocol.iscsi.text import TextHandler
 from .protocol.scsi.types import ScsiCommand

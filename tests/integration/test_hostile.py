@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rawiscsi import (DATA_IN, DATA_OUT, LOGIN_REQ, LOGIN_RSP, LOGOUT_REQ, LOGOUT_RSP, NOP_IN,
-                      NOP_OUT, R2T, REJECT, SCSI_CMD, SCSI_RSP, TMF_REQ, TMF_RSP, RawInitiator,
+                      NOP_OUT, R2T, REJECT, SCSI_RSP, TMF_REQ, TMF_RSP, RawInitiator,
                       kv_text, parse_keys)
 from rig.procs import VsandTarget
 

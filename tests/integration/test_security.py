@@ -7,13 +7,11 @@ from __future__ import annotations
 import re
 import struct
 import subprocess
-from pathlib import Path
 
 import crcmod.predefined
 import pytest
 
-from rawiscsi import (DATA_IN, LOGIN_RSP, REJECT, SCSI_RSP, BHS, DigestInitiator, Pdu,
-                      RawInitiator, pad)
+from rawiscsi import (LOGIN_RSP, REJECT, SCSI_RSP, DigestInitiator, RawInitiator)
 from rig.procs import HOST, VsandTarget
 
 CHAP_IQN = "iqn.2026-11.org.vsand:chap"

@@ -305,5 +305,5 @@ class Backend(abc.ABC):
     def try_read(self, offset: int, length: int) -> memoryview | None:
         return None
 
-    def try_write(self, offset: int, data: Buffer) -> bool:
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         return False

@@ -29,7 +29,7 @@ A = f"iqn.1994-05.com.example:a,i,0x400000000001,{TGT}"
 A2 = f"iqn.1994-05.com.example:a,i,0x400000000002,{TGT}"  # same initiator, another ISID
 B = f"iqn.1994-05.com.example:b,i,0x400000000001,{TGT}"
 C = f"iqn.1994-05.com.example:c,i,0x400000000001,{TGT}"
-A_OTHER_PORT = f"iqn.1994-05.com.example:a,i,0x400000000001,iqn.2026-01.io.vsand:disk1,t,0x0002"
+A_OTHER_PORT = "iqn.1994-05.com.example:a,i,0x400000000001,iqn.2026-01.io.vsand:disk1,t,0x0002"
 
 CONFLICT = "conflict"
 RESERVATIONS_PREEMPTED = (0x6, 0x2A, 0x03)
