@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from .bitmap import DirtyBitmap
 from .metastore import MetaStore
+from .record import seal, unseal
 
 DEFAULT_SLOTS = 257
 DEFAULT_REGION_SIZE = 4 << 20
@@ -66,7 +66,6 @@ _MAGIC = b"VSAL"
 _VERSION = 1
 # magic, version, reserved, sequence number, region size, region count
 _HEADER = struct.Struct("<4sHHQQI")
-_CRC = struct.Struct("<I")
 
 
 class ActivityLogFull(Exception):
@@ -352,20 +351,13 @@ def _encode(seq: int, region_size: int, regions: frozenset[int]) -> bytes:
     body = _HEADER.pack(_MAGIC, _VERSION, 0, seq, region_size, len(ordered)) + struct.pack(
         f"<{len(ordered)}Q", *ordered
     )
-    return body + _CRC.pack(zlib.crc32(body))
+    return seal(body)
 
 
 def _decode(data: bytes) -> tuple[int, int, list[int]]:
-    if len(data) < _HEADER.size + _CRC.size:
-        raise ActivityLogCorrupt(f"activity log record too short ({len(data)} bytes)")
-    body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-    if zlib.crc32(body) != crc:
-        raise ActivityLogCorrupt("activity log record CRC mismatch")
-    magic, version, _reserved, seq, region_size, count = _HEADER.unpack_from(body)
-    if magic != _MAGIC:
-        raise ActivityLogCorrupt(f"not an activity log record (magic {magic!r})")
-    if version != _VERSION:
-        raise ActivityLogCorrupt(f"unsupported activity log version {version}")
+    body, fields = unseal(data, _HEADER, _MAGIC, _VERSION, "activity log record",
+                          ActivityLogCorrupt)
+    _, _, _reserved, seq, region_size, count = fields
     if region_size <= 0 or len(body) != _HEADER.size + 8 * count:
         raise ActivityLogCorrupt("activity log record length or geometry mismatch")
     regions = list(struct.unpack_from(f"<{count}Q", body, _HEADER.size))

@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Iterator
 
 from .metastore import MetaStore
+from .record import seal, unseal
 
 MIB = 1 << 20
 DEFAULT_REGION_SIZE = MIB
@@ -42,7 +43,6 @@ _VERSION = 1
 _ENC_ZLIB = 1
 # magic, version, encoding, size_bytes, region_size, regions, dirty count, payload length
 _HEADER = struct.Struct("<4sHHQQQQQ")
-_CRC = struct.Struct("<I")
 
 _NONZERO_RUN = re.compile(rb"[^\x00]+")
 # For each byte value, the positions of its set bits: expands a dirty byte without a bit loop.
@@ -217,23 +217,12 @@ class DirtyBitmap:
             self._count,
             len(payload),
         )
-        body = header + payload
-        return body + _CRC.pack(zlib.crc32(body))
+        return seal(header + payload)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DirtyBitmap:
-        if len(data) < _HEADER.size + _CRC.size:
-            raise BitmapCorrupt(f"bitmap record too short ({len(data)} bytes)")
-        body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-        if zlib.crc32(body) != crc:
-            raise BitmapCorrupt("bitmap record CRC mismatch")
-        magic, version, encoding, size, region_size, regions, count, plen = _HEADER.unpack_from(
-            body
-        )
-        if magic != _MAGIC:
-            raise BitmapCorrupt(f"not a bitmap record (magic {magic!r})")
-        if version != _VERSION:
-            raise BitmapCorrupt(f"unsupported bitmap record version {version}")
+        body, fields = unseal(data, _HEADER, _MAGIC, _VERSION, "bitmap record", BitmapCorrupt)
+        _, _, encoding, size, region_size, regions, count, plen = fields
         if encoding != _ENC_ZLIB:
             raise BitmapCorrupt(f"unknown bitmap encoding {encoding}")
         if region_size <= 0 or regions != -(-size // region_size):

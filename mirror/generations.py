@@ -100,9 +100,10 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+from .record import seal, unseal
 
 HISTORY_LEN = 8
 MAX_TRACKED = 255
@@ -114,7 +115,6 @@ _FLAG_INCONSISTENT = 0x0001
 # magic, version, flags, current, history count, bitmap count
 _HEADER = struct.Struct("<4sHHQBB")
 _BITMAP_ENTRY = struct.Struct("<IQ")
-_CRC = struct.Struct("<I")
 
 RandomBytes = Callable[[int], bytes]
 
@@ -275,21 +275,13 @@ class Generations:
             struct.pack(f"<{len(self.history)}Q", *self.history),
         ]
         parts.extend(_BITMAP_ENTRY.pack(node, uuid) for node, uuid in self.bitmaps)
-        body = b"".join(parts)
-        return body + _CRC.pack(zlib.crc32(body))
+        return seal(b"".join(parts))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Generations:
-        if len(data) < _HEADER.size + _CRC.size:
-            raise GenerationsCorrupt(f"generation record too short ({len(data)} bytes)")
-        body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-        if zlib.crc32(body) != crc:
-            raise GenerationsCorrupt("generation record CRC mismatch")
-        magic, version, flags, current, nhist, nbm = _HEADER.unpack_from(body)
-        if magic != _MAGIC:
-            raise GenerationsCorrupt(f"not a generation record (magic {magic!r})")
-        if version != _VERSION:
-            raise GenerationsCorrupt(f"unsupported generation record version {version}")
+        body, fields = unseal(data, _HEADER, _MAGIC, _VERSION, "generation record",
+                              GenerationsCorrupt)
+        _, _, flags, current, nhist, nbm = fields
         if flags & ~_FLAG_INCONSISTENT:
             raise GenerationsCorrupt(f"unknown generation flags {flags:#x}")
         if len(body) != _HEADER.size + 8 * nhist + _BITMAP_ENTRY.size * nbm:
