@@ -92,6 +92,8 @@ from typing import Any, Final, TypeVar
 
 import yaml
 
+from vsand.protocol.iscsi.login import TargetOffer
+
 from vsand.config_schema import (
     ADDRESS_ALLOWED, AUTH_KEYS, ISCSI_NAME_ALLOWED, MISSING, REDACTED, AclEntry,
     AuthConfig, Errors, Section, format_address, format_size, is_wildcard, join,
@@ -143,16 +145,20 @@ class TargetConfig:
     acl: tuple[AclEntry, ...] | None = None  # None: every initiator, every LUN
 
 
+_OFFER = TargetOffer()
+
+
 @dataclass(frozen=True, slots=True)
 class IscsiConfig:
-    # The defaults here are the config file's defaults too (_ISCSI_INTS reads them).
+    # The defaults here are the config file's defaults too (_ISCSI_INTS reads them); the
+    # negotiation defaults are the login code's own offer, so the two cannot drift apart.
     queue_depth: int = 128
-    max_recv_data_segment_length: int = 262144
-    first_burst_length: int = 262144
-    max_burst_length: int = 1048576
-    immediate_data: bool = True
-    initial_r2t: bool = False
-    max_outstanding_r2t: int = 8
+    max_recv_data_segment_length: int = _OFFER.max_recv_data_segment_length
+    first_burst_length: int = _OFFER.first_burst_length
+    max_burst_length: int = _OFFER.max_burst_length
+    immediate_data: bool = _OFFER.immediate_data
+    initial_r2t: bool = _OFFER.initial_r2t
+    max_outstanding_r2t: int = _OFFER.max_outstanding_r2t
     nop_interval: float = 5.0
     nop_timeout: float = 15.0
     login_timeout: float = 15.0
