@@ -17,6 +17,12 @@ these state machines.  How they fit, for one mirrored LUN on each node:
 - ``resync`` and ``verify`` plan the copy of dirty regions (rate-limited by ``ratelimit``,
   yielding to foreground I/O) and the online comparison of region checksums.
 
-Not yet built: the daemon side (peer links, the cluster manager wiring these into ``Lun``
-writes, the cluster config, ``vsand demo``) and the quorum/witness layer.
+On the daemon side, ``vsand/peer.py`` carries these messages over authenticated TCP links
+(heartbeats, loss detection, reconnect, one link per node pair).  Not yet built: the cluster
+manager that feeds ``Lun`` writes through the ordering engine and applies what it orders, the
+cluster config, ``vsand demo``, and the quorum/witness layer.  One mapping to settle there:
+the engine names a write's origin node, the wire frames do not; a request id whose top bits
+name the origin node (request ids are unique per origin) carries it, and a COMPARE AND WRITE
+is replicated as its own operation so every replica compares in sequence order and reaches the
+same outcome.
 """
