@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .metafiles import read_file, remove_durably, write_atomic
 from .protocol.scsi.pr import PrState
 from .protocol.scsi.unit import LogicalUnit
 
@@ -31,33 +32,14 @@ class PrStore:
         return os.path.join(self.dir, f"{safe}-lun{lun}.pr")
 
     def load(self, target_iqn: str, lun: int) -> bytes | None:
-        try:
-            with open(self.path(target_iqn, lun), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        return read_file(self.path(target_iqn, lun))
 
     def save(self, target_iqn: str, lun: int, data: bytes | None) -> None:
         path = self.path(target_iqn, lun)
         if data is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                return
-            _fsync_dir(self.dir)
-            return
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.dir)
+            remove_durably(path)
+        else:
+            write_atomic(path, data)
 
     def attach(self, target_iqn: str, lun: int, unit: LogicalUnit) -> None:
         """Restore the LU's saved state (if any) and keep it saved from now on."""
@@ -79,11 +61,3 @@ class PrStore:
             self.save(target_iqn, lun, data)
 
         unit.on_pr_change = on_change
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
