@@ -149,9 +149,6 @@ class Connection(asyncio.BufferedProtocol):
         if self._out:
             self.flush()
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.closing = True

@@ -51,22 +51,22 @@ class PduReader(ReceiveBuffer):
             return None
         buf = self._buf
         view = memoryview(buf)
-        head = peek_lengths(view[pos:pos + 8])
+        ahs_len, data_len = peek_lengths(view[pos:pos + 8])
         hd = 4 if self.header_digest else 0
-        dd = 4 if self.data_digest and head.data_len else 0
-        if head.data_len > self.max_data:
+        dd = 4 if self.data_digest and data_len else 0
+        if data_len > self.max_data:
             raise PduError(RejectReason.PROTOCOL_ERROR,
-                           f"data segment of {head.data_len} bytes exceeds the declared "
+                           f"data segment of {data_len} bytes exceeds the declared "
                            f"MaxRecvDataSegmentLength {self.max_data}",
                            bytes(view[pos:pos + BHS_LEN]), fatal=True)
-        data_at = pos + BHS_LEN + head.ahs_len + hd
-        end = data_at + padded(head.data_len) + dd
+        data_at = pos + BHS_LEN + ahs_len + hd
+        end = data_at + padded(data_len) + dd
         if self._end < end:
             self.need = end - pos  # the next writable() makes room for all of it
             return None
         self.need = 0
         bhs = bytes(view[pos:pos + BHS_LEN])
-        ahs = bytes(view[pos + BHS_LEN:pos + BHS_LEN + head.ahs_len]) if head.ahs_len else b""
+        ahs = bytes(view[pos + BHS_LEN:pos + BHS_LEN + ahs_len]) if ahs_len else b""
         if hd:
             assert self.header_digest is not None
             got = int.from_bytes(view[data_at - 4:data_at], "little")
@@ -74,7 +74,7 @@ class PduReader(ReceiveBuffer):
                 # The lengths cannot be trusted either: the connection must go.
                 self._pos = end
                 raise DigestError(bhs, True)
-        data = view[data_at:data_at + head.data_len] if head.data_len else EMPTY
+        data = view[data_at:data_at + data_len] if data_len else EMPTY
         self._pos = end
         if dd:
             assert self.data_digest is not None

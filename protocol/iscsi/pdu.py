@@ -229,18 +229,12 @@ InitiatorPdu = (NopOut | ScsiCommandPdu | TaskMgmtRequest | LoginRequest | TextR
                 | LogoutRequest | Snack)
 
 
-@dataclass(slots=True)
-class Header:
-    """The parts of a BHS needed to know how long the rest of the PDU is."""
-    opcode: int
-    ahs_len: int
-    data_len: int
+def peek_lengths(bhs: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(AHS length, data segment length) in bytes: all a reader needs to find a PDU's end.
 
-
-def peek_lengths(bhs: bytes | bytearray | memoryview) -> Header:
-    b0 = bhs[0]
-    word = _U32.unpack_from(bhs, 4)[0]
-    return Header(b0 & 0x3F, (word >> 24) * 4, word & 0xFFFFFF)
+    A tuple, not an object: this runs for every PDU received."""
+    word: int = _U32.unpack_from(bhs, 4)[0]
+    return (word >> 24) * 4, word & 0xFFFFFF
 
 
 def padded(n: int) -> int:
