@@ -101,6 +101,8 @@ class MsgType(enum.IntEnum):
     ACK = 20
     FORWARD = 21
     ORDERED = 22
+    COMPARE_AND_WRITE = 23
+    CONTROL = 24
     GENERATIONS = 32
     RESYNC_REQUEST = 33
     RESYNC_DATA = 34
@@ -442,6 +444,63 @@ class Ordered(_Base):
         return cls(f[1], f[3], f[5], f[6], f[4], f[8])
 
 
+@dataclass(frozen=True, slots=True)
+class CompareAndWrite(_Base):
+    """A sequenced COMPARE AND WRITE: every replica compares and writes in sequence order, so
+    all of them, holding the same data, reach the same outcome (the origin answers its own)."""
+    lun: int
+    epoch: int
+    seq: int
+    request_id: int
+    lba: int
+    blocks: int
+    data: Buffer  # verify blocks then write blocks
+    fua: bool = False
+    TYPE: ClassVar[MsgType] = MsgType.COMPARE_AND_WRITE
+
+    def _pack(self) -> tuple[Fields, Buffer]:
+        return ((FUA if self.fua else 0, self.lun, self.blocks, self.epoch, 0, self.seq,
+                 self.request_id, self.lba, 0), self.data)
+
+    @classmethod
+    def _unpack(cls, f: Fields, payload: memoryview) -> CompareAndWrite:
+        return cls(f[1], f[3], f[5], f[6], f[7], f[2], payload, bool(f[0] & FUA))
+
+    def _problem(self) -> str | None:
+        return _data_problem(_nbytes(self.data), self.blocks, 2)
+
+
+class ControlKind(enum.IntEnum):
+    SYNC_BEGIN = 1  # source -> target: a resync starts; value = the sync handle
+    JOIN = 2  # source -> target: resync done, in sync from epoch ``epoch``; body = generations
+    STATE = 3  # a node's replica state after a link came up; body = generations and bitmap
+
+
+@dataclass(frozen=True, slots=True)
+class Control(_Base):
+    """A change of a LUN's replication state between two nodes, answered by ACK
+    (``request_id`` echoed, ``status`` 0 or an errno)."""
+    lun: int
+    kind: ControlKind
+    request_id: int
+    epoch: int = 0
+    value: int = 0
+    body: bytes = b""
+    TYPE: ClassVar[MsgType] = MsgType.CONTROL
+
+    def _pack(self) -> tuple[Fields, Buffer]:
+        return ((0, self.lun, 0, self.epoch, self.kind, 0, self.request_id, 0, self.value),
+                self.body)
+
+    @classmethod
+    def _unpack(cls, f: Fields, payload: memoryview) -> Control:
+        try:
+            kind = ControlKind(f[4])
+        except ValueError:
+            raise PeerProtocolError(f"CONTROL of kind {f[4]}") from None
+        return cls(f[1], kind, f[6], f[3], f[8], bytes(payload))
+
+
 # --- resync, verify ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Generations(_Base):
@@ -544,13 +603,14 @@ class VerifyResult(_Base):
 
 Message: TypeAlias = (Hello | ChallengeResponse | Welcome | Goodbye | Heartbeat | HeartbeatAck
                       | Write | WriteSame | Unmap | Flush | Ack | Forward | Ordered
+                      | CompareAndWrite | Control
                       | Generations | ResyncRequest | ResyncData | VerifyRequest | VerifyResult)
 
 _Unpack: TypeAlias = Callable[[Fields, memoryview], Message]
 _DECODERS: dict[int, _Unpack] = {
     cls.TYPE: cls._unpack for cls in (
         Hello, ChallengeResponse, Welcome, Goodbye, Heartbeat, HeartbeatAck, Write, WriteSame,
-        Unmap, Flush, Ack, Forward, Ordered, Generations, ResyncRequest, ResyncData,
+        Unmap, Flush, Ack, Forward, Ordered, CompareAndWrite, Control, Generations, ResyncRequest, ResyncData,
         VerifyRequest, VerifyResult)
 }
 assert set(_DECODERS) == set(MsgType)

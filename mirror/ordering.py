@@ -192,6 +192,19 @@ class OrderingEngine:
             actions += self._maybe_complete(req)
         return actions, dirty
 
+    def abandon_unsequenced(self) -> list[tuple[int, Any]]:
+        """Forget the local writes the sequencer never numbered (it is gone): (req, data) for
+        each, for the caller to run again under a new sequencer."""
+        gone = [(req, p.data) for req, p in self._pending.items() if p.seq < 0]
+        for req, _ in gone:
+            del self._pending[req]
+        return gone
+
+    @property
+    def idle(self) -> bool:
+        """No local write awaits acks and every delivered write has been applied."""
+        return not self._pending and not self._window and not self._held
+
     # -- internals -----------------------------------------------------------------------
     def _sequence(self, origin: str, req: int, lba: int, blocks: int,
                   data: Any) -> list[Action]:
@@ -211,14 +224,16 @@ class OrderingEngine:
         actions: list[Action] = []
         while self._expected in self._held:
             r = self._held.pop(self._expected)
-            data = r.data
+            data, lba, blocks = r.data, r.lba, r.blocks
             if r.origin == self.node:
                 p = self._pending.get(r.req)
                 if p is None:
                     raise ValueError(f"sequence {r.seq} names unknown local request {r.req}")
+                # The origin's copy is authoritative: the sequencer's answer to a FORWARD need
+                # not repeat the address.
                 p.seq = r.seq
-                data = p.data
-            self._window.append(_Known(r.seq, r.origin, r.req, r.lba, r.blocks, data))
+                data, lba, blocks = p.data, p.lba, p.blocks
+            self._window.append(_Known(r.seq, r.origin, r.req, lba, blocks, data))
             self._expected += 1
         if not self.is_sequencer:
             # Only the sequencer numbers; a replica follows its numbering.

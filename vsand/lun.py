@@ -83,6 +83,7 @@ class Lun:
         "errors",
         "read_hist",
         "write_hist",
+        "mirror",
     )
 
     def __init__(self, number: int, unit: LogicalUnit, backend: Backend) -> None:
@@ -110,6 +111,9 @@ class Lun:
         # everything slower).  A list index and an int add per I/O; exported at scrape time.
         self.read_hist = [0] * _HIST_SLOTS
         self.write_hist = [0] * _HIST_SLOTS
+        # A MirroredLun (vsand.replication) when the LUN is mirrored: data-changing requests
+        # go through it to every replica; it applies them here with ``apply_block``.
+        self.mirror: Any = None
 
     @classmethod
     def from_params(cls, number: int, params: LunParams, backend: Backend) -> Lun:
@@ -133,7 +137,7 @@ class Lun:
             return buf
         if op is _WRITE:
             data = req.data
-            if data is None or req.fua or not self.unit.write_cache:
+            if data is None or req.fua or not self.unit.write_cache or self.mirror is not None:
                 return NOT_DONE
             t0 = _now_ns()
             if not self.backend.try_write(req.lba * bs, data):
@@ -148,6 +152,13 @@ class Lun:
 
     async def execute_block(self, req: BlockRequest) -> Any:
         """Run one block request; results as listed in ``protocol.block``; raises OSError."""
+        mirror = self.mirror
+        if mirror is not None and req.op in _WRITE_OPS:
+            return await mirror.submit(req)
+        return await self.apply_block(req)
+
+    async def apply_block(self, req: BlockRequest) -> Any:
+        """``execute_block`` on this node's storage only."""
         op = req.op
         bs = self.block_size
         t0 = _now_ns()
@@ -247,7 +258,7 @@ class Lun:
         release_buffer(buf)
 
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__[4:]}
+        return {name: getattr(self, name) for name in self.__slots__[4:-1]}
 
 
 def release_result(result: ScsiResult) -> None:

@@ -1,0 +1,893 @@
+"""A mirrored LUN on this node: the asyncio driver of the mirror's sans-IO pieces.
+
+Theory of operation
+-------------------
+Every request that changes data (WRITE, WRITE SAME, UNMAP, SYNCHRONIZE CACHE, COMPARE AND
+WRITE) reaches ``MirroredLun.submit`` instead of the backend; reads stay local.  What happens
+next depends on the replica's role:
+
+``in-sync``
+    The request goes through ``mirror.ordering.OrderingEngine``: the sequencer (the lowest
+    node id of the in-sync set) numbers it, every replica applies overlapping requests in
+    number order, and the request completes when every in-sync replica has applied it.  The
+    engine's messages become peer frames (``_frame``) and back (``_engine_message``); a
+    request id carries its origin node in its top bits, so a frame names who must be acked.
+    COMPARE AND WRITE is replicated as itself: every replica compares and writes at the same
+    point of the order, on identical data, so all reach the origin's outcome.  A FLUSH covers
+    the whole LUN in the order, so it runs after every earlier request on every replica.
+``degraded`` / ``sync-source``
+    A peer is away: requests are applied locally, their regions marked in that peer's dirty
+    bitmap first.  The first write after a peer left draws a new data generation, persisted
+    before the write is acknowledged (``mirror.generations``).  A sync source also copies the
+    dirty regions to the returning peer (``mirror.resync.ResyncPlan``), redirtying regions
+    that foreground writes touch while they are copied.  When the bitmap is empty it pauses
+    new requests, drains the ones in flight, and sends JOIN: from then on both are in sync.
+``connecting`` / ``sync-target``
+    Not serving: the ALUA state is transitioning, so initiators use another path; a request
+    that slips through is refused with NOT READY (ENOLINK).  A sync target writes what the
+    source sends (with FUA, so that a region the source then clears is stable here).
+
+Durability without a metadata write per I/O: every write this node applies, in any role,
+first enters the activity log (``mirror.activity_log``), which is persisted only when a new
+region becomes hot; bitmaps are flushed lazily (every second, before a region leaves the log,
+and at shutdown).  After a crash, the log's regions are marked dirty for every peer.
+
+When a link comes up, both nodes pause new requests on the LUN, drain those in flight, and
+exchange their generation identifiers and dirty bitmaps (CONTROL STATE).  Both run the same
+``decide`` on the same two states, so they agree without further messages: in sync (a new
+epoch starts, with a new ordering engine), one is the source of a bitmap or full resync, or
+the histories diverged (split brain: logged, left to the operator; each side goes on as it
+was).  Messages of an older epoch are dropped.
+
+Two nodes are the case this handles fully.  With three, writes are mirrored to all in-sync
+replicas, but changing the in-sync set of three needs the agreement the quorum layer brings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import hashlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .backends.base import release_buffer
+from .lun import Lun
+from .mirror import messages as wire
+from .mirror.activity_log import (DEFAULT_REGION_SIZE as AL_REGION_SIZE, ActivityLog,
+                                  ActivityLogFull, TxState, mark_regions)
+from .mirror.bitmap import DirtyBitmap
+from .mirror.generations import Generations, Outcome, SyncKind, decide
+from .mirror.metastore import MetaStore
+from .mirror.ordering import Ack, Apply, Complete, Forward, OrderingEngine, Repl, Send
+from .mirror.ratelimit import TokenBucket
+from .mirror.resync import ResyncPlan
+from .protocol.block import BlockOp, BlockRequest
+from .protocol.scsi import alua
+from .protocol.scsi.unit import ALUA_ACTIVE_OPTIMIZED, ALUA_TRANSITIONING
+
+log = logging.getLogger("vsand.mirror")
+
+REQ_SHIFT = 48  # request id = (origin node index + 1) << REQ_SHIFT | counter
+BITMAP_FLUSH_INTERVAL = 1.0
+RESYNC_CHUNK = 1 << 20
+RESYNC_IN_FLIGHT = 4
+_STATE = struct.Struct("!I")
+
+
+class Role(enum.Enum):
+    CONNECTING = "connecting"
+    DEGRADED = "degraded"
+    SYNC_SOURCE = "sync-source"
+    SYNC_TARGET = "sync-target"
+    IN_SYNC = "in-sync"
+    SPLIT_BRAIN = "split-brain"
+
+
+_SERVING = frozenset((Role.DEGRADED, Role.SYNC_SOURCE, Role.IN_SYNC))
+_SEQUENCED = (wire.Write, wire.WriteSame, wire.Unmap, wire.Flush, wire.CompareAndWrite)
+
+
+class _Local:
+    """A request that arrived at this node: what the engine carries as its data."""
+    __slots__ = ("req", "done", "result", "error")
+
+    def __init__(self, req: BlockRequest, done: asyncio.Future[None]) -> None:
+        self.req = req
+        self.done = done
+        self.result: Any = None
+        self.error: OSError | None = None
+
+
+def _extent(req: BlockRequest, total_blocks: int) -> tuple[int, int]:
+    """The blocks a request orders against: its own, an UNMAP's span, everything for FLUSH."""
+    op = req.op
+    if op is BlockOp.UNMAP:
+        lo = min(lba for lba, _ in req.ranges)
+        return lo, max(lba + n for lba, n in req.ranges) - lo
+    if op is BlockOp.FLUSH:
+        return 0, total_blocks
+    return req.lba, req.blocks
+
+
+def _frame(lun_id: int, epoch: int, seq: int, rid: int, req: BlockRequest) -> wire.Message:
+    op, data = req.op, req.data
+    if op is BlockOp.WRITE:
+        assert data is not None
+        return wire.Write(lun_id, epoch, seq, rid, req.lba, req.blocks, data, req.fua)
+    if op is BlockOp.WRITE_SAME:
+        assert data is not None
+        return wire.WriteSame(lun_id, epoch, seq, rid, req.lba, req.blocks, data, req.fua,
+                              req.unmap)
+    if op is BlockOp.UNMAP:
+        return wire.Unmap(lun_id, epoch, seq, rid, req.ranges)
+    if op is BlockOp.FLUSH:
+        return wire.Flush(lun_id, epoch, seq, rid)
+    assert data is not None and op is BlockOp.COMPARE_AND_WRITE
+    return wire.CompareAndWrite(lun_id, epoch, seq, rid, req.lba, req.blocks, data, req.fua)
+
+
+def _request(msg: wire.Message) -> BlockRequest:
+    if isinstance(msg, wire.Write):
+        return BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks, msg.data, msg.fua)
+    if isinstance(msg, wire.WriteSame):
+        return BlockRequest(BlockOp.WRITE_SAME, msg.lba, msg.blocks, msg.data, msg.fua,
+                            unmap=msg.unmap)
+    if isinstance(msg, wire.Unmap):
+        return BlockRequest(BlockOp.UNMAP, ranges=msg.ranges)
+    if isinstance(msg, wire.Flush):
+        return BlockRequest(BlockOp.FLUSH)
+    assert isinstance(msg, wire.CompareAndWrite)
+    return BlockRequest(BlockOp.COMPARE_AND_WRITE, msg.lba, msg.blocks, msg.data, msg.fua)
+
+
+class MirroredLun:
+    """One mirrored LUN's replica on this node; see the module docstring."""
+
+    def __init__(self, lun: Lun, lun_id: int, node: str, nodes: list[str], store: MetaStore,
+                 send: Callable[[str, wire.Message], bool], *, cluster_id: str,
+                 run_blocking: Callable[..., Any], resync_rate: int = 0,
+                 join_timeout: float = 6.0) -> None:
+        self.lun = lun
+        self.lun_id = lun_id
+        self.node = node
+        self.nodes = sorted(nodes)
+        self.index = {name: i for i, name in enumerate(self.nodes)}
+        self.peers = [n for n in self.nodes if n != node]
+        self.store = store
+        self.send = send
+        self.cluster_id = cluster_id
+        self.run_blocking = run_blocking  # (fn, *args) -> awaitable, for fsyncing writes
+        self.resync_rate = resync_rate
+        self.join_timeout = join_timeout
+        self.name = f"mirror-{lun_id:04x}"
+        self.label = f"LUN {lun.unit.params.serial}"
+        self.role = Role.CONNECTING
+        self.epoch = 0
+        self.engine: OrderingEngine | None = None
+        self.gens = Generations()
+        self.fresh = False
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        self.al: ActivityLog | None = None
+        self.plan: ResyncPlan | None = None
+        self.peer_roles: dict[str, str] = {}
+        self.resync_bytes = 0  # copied as source, for the status and the tests
+        self.last_decision = ""
+        self._req_base = (self.index[node] + 1) << REQ_SHIFT
+        self._next_req = 1
+        self._locals: dict[int, _Local] = {}
+        self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
+        self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
+        self._peer_state: dict[str, tuple[int, int, Generations, bytes]] = {}
+        self._state_sent: set[str] = set()
+        self._paused = False
+        self._resume: asyncio.Event = asyncio.Event()
+        self._resume.set()
+        self._inflight = 0
+        self._applying = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tx_done: dict[object, asyncio.Future[None]] = {}
+        self._al_task: asyncio.Task[None] | None = None
+        self._al_room: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gens_lock = asyncio.Lock()
+        self._closed = False
+        self._flusher: asyncio.Task[None] | None = None
+        lun.mirror = self
+
+    # ------------------------------------------------------------------ start, stop
+    async def attach(self) -> None:
+        """Load (or create) this replica's metadata; recover the activity log after a crash."""
+        size = self.lun.backend.size
+        raw = self.store.read(self.name + ".gen")
+        if raw is None:
+            extents = await self.lun.backend.lba_status(0, size)
+            self.fresh = not any(mapped for _, _, mapped in extents)
+        else:
+            self.gens = Generations.from_bytes(raw)
+        for peer in self.peers:
+            self.bitmaps[peer] = DirtyBitmap.load(self.store, f"{self.name}.bm-{peer}", size)
+        hot = ActivityLog.recover(self.store, self.name + ".al")
+        if hot:
+            log.warning("%s: recovering after a crash: %d active region(s) marked dirty for "
+                        "every peer", self.label, len(hot))
+            for bm in self.bitmaps.values():
+                mark_regions(bm, hot, AL_REGION_SIZE)
+            await self._flush_bitmaps()
+            if self.gens.current:
+                for peer in self.peers:
+                    self.gens = self.gens.start_tracking(self.index[peer])
+                await self._persist_gens()
+        self.al = ActivityLog(self.store, self.name + ".al", on_disk=hot)
+        self._set_alua(False)
+        self._flusher = asyncio.ensure_future(self._bitmap_flusher())
+
+    def go_alone(self) -> None:
+        """No peer answered in time: serve alone, tracking every peer (if the data is whole)."""
+        if self.role is not Role.CONNECTING or self._closed:
+            return
+        if self.gens.inconsistent:
+            log.error("%s: this replica was interrupted as a resync target and holds mixed "
+                      "data; it will not serve until a peer completes the resync", self.label)
+            return
+        self._spawn(self._become_degraded(self.peers, "no peer reachable at start-up"))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._al_task is not None:
+            await asyncio.gather(self._al_task, return_exceptions=True)
+        await self._flush_bitmaps()
+        al = self.al
+        if al is not None and self._inflight == 0 and self._applying == 0:
+            al.evict_idle()  # a clean stop leaves an empty log: no dirty regions at restart
+            await self.run_blocking(al.persist_pending)
+        self.lun.mirror = None
+
+    # ------------------------------------------------------------------ the I/O path
+    async def submit(self, req: BlockRequest) -> Any:
+        """Execute a data-changing request on every in-sync replica; its result here."""
+        while self._paused:
+            await self._resume.wait()
+        if self.role not in _SERVING and not (self.role is Role.SPLIT_BRAIN
+                                              and self._was_serving):
+            raise OSError(errno.ENOLINK, f"{self.label} is {self.role.value} on this node")
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            engine = self.engine
+            if engine is None:
+                return await self._apply_alone(req)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            local = _Local(req, done)
+            rid = self._req_base | self._next_req
+            self._next_req += 1
+            self._locals[rid] = local
+            lba, blocks = _extent(req, self.lun.unit.params.blocks)
+            self._run(engine, engine.local_write(rid, lba, blocks, local))
+            await done
+            if local.error is not None:
+                raise local.error
+            return local.result
+        finally:
+            self._inflight -= 1
+            if not self._inflight and not self._applying:
+                self._idle.set()
+
+    @property
+    def _was_serving(self) -> bool:
+        return self.lun.unit.alua_state == ALUA_ACTIVE_OPTIMIZED
+
+    async def _apply_alone(self, req: BlockRequest) -> Any:
+        if self.gens.needs_new_current() or not self.gens.current:
+            async with self._gens_lock:
+                if self.gens.needs_new_current() or not self.gens.current:
+                    self.gens = self.gens.new_current(os.urandom)
+                    await self._persist_gens()
+                    log.info("%s: new data generation %016x (peers away: %s)", self.label,
+                             self.gens.current, ", ".join(self.peers))
+        off, length = self._bytes(req)
+        for bm in self.bitmaps.values():
+            bm.mark(off, length)
+        result = await self._apply_logged(req)
+        plan = self.plan
+        if plan is not None:
+            plan.redirty(off, length)
+        return result
+
+    def _bytes(self, req: BlockRequest) -> tuple[int, int]:
+        lba, blocks = _extent(req, self.lun.unit.params.blocks)
+        bs = self.lun.block_size
+        return lba * bs, blocks * bs
+
+    async def _apply_logged(self, req: BlockRequest) -> Any:
+        """Apply on the local backend, inside the activity log."""
+        off, length = self._bytes(req)
+        await self._al_begin(off, length)
+        try:
+            return await self.lun.apply_block(req)
+        finally:
+            self._al_end(off, length)
+
+    # ------------------------------------------------------------------ engine plumbing
+    def _run(self, engine: OrderingEngine, actions: list[Any]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Apply:
+                self._applying += 1
+                self._idle.clear()
+                self._spawn(self._apply_sequenced(engine, action))
+            elif kind is Send:
+                self._send_engine(engine, action)
+            elif kind is Complete:
+                local = self._locals.pop(action.req, None)
+                if local is not None and not local.done.done():
+                    local.done.set_result(None)
+
+    async def _apply_sequenced(self, engine: OrderingEngine, action: Apply) -> None:
+        data = action.data
+        local = data if type(data) is _Local else None
+        req = local.req if local is not None else data
+        try:
+            result = await self._apply_logged(req)
+            if local is not None:
+                local.result = result
+        except OSError as e:
+            log.error("%s: applying sequence %d failed: %s", self.label, action.seq, e)
+            if local is not None:
+                local.error = e
+            else:
+                self._apply_errors[action.seq] = e.errno or errno.EIO
+        finally:
+            self._applying -= 1
+        self._run(engine, engine.applied(action.seq))
+        if not self._inflight and not self._applying:
+            self._idle.set()
+
+    def _send_engine(self, engine: OrderingEngine, action: Send) -> None:
+        msg = action.message
+        epoch, lun_id = self.epoch, self.lun_id
+        out: wire.Message
+        if type(msg) is Forward:
+            req = msg.data.req
+            lba, blocks = (req.lba, req.blocks) if req.op not in (BlockOp.UNMAP,
+                                                                 BlockOp.FLUSH) else (0, 0)
+            data = b"" if req.data is None else req.data
+            out = wire.Forward(lun_id, epoch, msg.req, req.op, lba, blocks, data, req.ranges,
+                               req.fua, req.unmap)
+        elif type(msg) is Repl:
+            if msg.data is None:
+                out = wire.Ordered(lun_id, epoch, msg.seq, msg.req)
+            else:
+                data = msg.data
+                req = data.req if type(data) is _Local else data
+                out = _frame(lun_id, epoch, msg.seq, msg.req, req)
+        else:
+            assert type(msg) is Ack
+            status = self._apply_errors.pop(msg.seq, 0)
+            out = wire.Ack(lun_id, epoch, msg.seq, msg.req, status)
+        self.send(action.to, out)  # a lost link's messages go nowhere; peer_lost settles it
+
+    def _origin(self, rid: int) -> str | None:
+        i = (rid >> REQ_SHIFT) - 1
+        return self.nodes[i] if 0 <= i < len(self.nodes) else None
+
+    def _engine_message(self, peer: str, msg: wire.Message) -> None:
+        engine = self.engine
+        if engine is None or self.role is not Role.IN_SYNC or msg.epoch != self.epoch:
+            log.debug("%s: dropped %s of epoch %d from node %s (epoch %d, %s)", self.label,
+                      msg.TYPE.name, msg.epoch, peer, self.epoch, self.role.value)
+            return
+        total = self.lun.unit.params.blocks
+        if isinstance(msg, wire.Forward):
+            if self._origin(msg.request_id) != peer:
+                raise wire.PeerProtocolError(f"FORWARD with request id {msg.request_id:#x} "
+                                             f"not of node {peer}")
+            req = msg.to_request()
+            lba, blocks = self._checked(req, total)
+            actions = engine.receive(peer, Forward(peer, msg.request_id, lba, blocks, req))
+        elif isinstance(msg, wire.Ordered):
+            if msg.status:
+                raise wire.PeerProtocolError(f"ORDERED with status {msg.status}")
+            actions = engine.receive(peer, Repl(msg.seq, self.node, msg.request_id, 0, 0, None))
+        elif isinstance(msg, wire.Ack):
+            if msg.status:
+                local = self._locals.get(msg.request_id)
+                if local is not None and local.error is None:
+                    local.error = OSError(msg.status, f"node {peer}: {errno.errorcode.get(msg.status, msg.status)}")
+            actions = engine.receive(peer, Ack(msg.seq, msg.request_id, peer))
+        else:
+            origin = self._origin(msg.request_id)
+            if origin is None or origin == self.node:
+                raise wire.PeerProtocolError(f"{msg.TYPE.name} with request id "
+                                             f"{msg.request_id:#x}")
+            req = _request(msg)
+            lba, blocks = self._checked(req, total)
+            actions = engine.receive(peer, Repl(msg.seq, origin, msg.request_id, lba, blocks,
+                                                req))
+        self._run(engine, actions)
+
+    def _checked(self, req: BlockRequest, total: int) -> tuple[int, int]:
+        bs = self.lun.block_size
+        lba, blocks = _extent(req, total)
+        if lba + blocks > total:
+            raise wire.PeerProtocolError(f"{req.op.name} of blocks {lba}+{blocks} beyond the "
+                                         f"LUN's {total}")
+        if req.data is not None:
+            n = len(req.data)
+            want = {BlockOp.WRITE_SAME: bs, BlockOp.COMPARE_AND_WRITE: 2 * blocks * bs}.get(
+                req.op, blocks * bs)
+            if n != want:
+                raise wire.PeerProtocolError(f"{req.op.name} with {n} bytes, expected {want}")
+        return lba, blocks
+
+    # ------------------------------------------------------------------ messages in
+    def receive(self, peer: str, msg: wire.Message) -> None:
+        """A message for this LUN from ``peer``; PeerProtocolError drops the link."""
+        if isinstance(msg, (wire.Forward, wire.Ordered, *_SEQUENCED)):
+            self._engine_message(peer, msg)
+        elif isinstance(msg, wire.Ack):
+            fut = self._replies.pop(msg.request_id, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(msg.status)
+            else:
+                self._engine_message(peer, msg)
+        elif isinstance(msg, wire.Control):
+            self._control(peer, msg)
+        elif isinstance(msg, wire.ResyncData):
+            self._spawn(self._resync_data(peer, msg))
+        else:
+            log.debug("%s: ignored %s from node %s", self.label, msg.TYPE.name, peer)
+
+    def _control(self, peer: str, msg: wire.Control) -> None:
+        kind = msg.kind
+        if kind is wire.ControlKind.STATE:
+            body = msg.body
+            if len(body) < _STATE.size:
+                raise wire.PeerProtocolError("CONTROL STATE too short")
+            (n,) = _STATE.unpack_from(body)
+            try:
+                gens = Generations.from_bytes(body[_STATE.size:_STATE.size + n])
+            except ValueError as e:
+                raise wire.PeerProtocolError(f"CONTROL STATE generations: {e}") from None
+            self._peer_state[peer] = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
+            if peer in self._state_sent:
+                self._spawn(self._decide(peer))
+        elif kind is wire.ControlKind.SYNC_BEGIN:
+            self._spawn(self._sync_begin(peer, msg))
+        elif kind is wire.ControlKind.JOIN:
+            self._spawn(self._join_as_target(peer, msg))
+
+    # ------------------------------------------------------------------ links
+    def link_up(self, peer: str) -> None:
+        self._spawn(self._exchange_state(peer))
+
+    def peer_lost(self, peer: str) -> None:
+        if peer in self._state_sent and not self._peer_state.get(peer):
+            self._unpause()  # the exchange this link started will not finish
+        self._state_sent.discard(peer)
+        self._peer_state.pop(peer, None)
+        self.peer_roles.pop(peer, None)
+        for rid, fut in list(self._replies.items()):
+            if not fut.done():
+                fut.set_result(errno.ENOTCONN)
+        if self.role is Role.SYNC_TARGET:
+            self._set_role(Role.CONNECTING, f"resync source node {peer} lost")
+        elif self.role in (Role.IN_SYNC, Role.SYNC_SOURCE):
+            self._spawn(self._become_degraded([peer], f"node {peer} lost"))
+
+    async def _exchange_state(self, peer: str) -> None:
+        await self._pause()
+        try:
+            body = self.gens.to_bytes()
+            state = _STATE.pack(len(body)) + body + self.bitmaps[peer].to_bytes()
+            self._state_sent.add(peer)
+            if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, 0,
+                                                self.epoch, int(self.fresh), state)):
+                self._state_sent.discard(peer)
+                self._unpause()
+                return
+            if peer in self._peer_state:
+                await self._decide(peer)
+        except BaseException:
+            self._unpause()
+            raise
+
+    async def _decide(self, peer: str) -> None:
+        """Both states known: both nodes reach the same decision (``decide`` is symmetric)."""
+        state = self._peer_state.pop(peer, None)
+        if state is None:
+            return
+        peer_epoch, peer_fresh, peer_gens, peer_bitmap = state
+        try:
+            d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
+            outcome = d.outcome
+            if outcome is Outcome.NO_SOURCE and self.fresh and peer_fresh:
+                # Two never-written sparse files hold the same zeroes: one generation for both,
+                # derived from what both know, so that neither needs to tell the other.
+                seed = hashlib.sha256(f"{self.cluster_id}/{self.lun.unit.params.serial}"
+                                      .encode()).digest()
+                self.gens = self.gens.adopt_current(int.from_bytes(seed[:8], "big") or 1)
+                outcome = Outcome.IN_SYNC
+            self.last_decision = f"{outcome.value} ({d.sync.value}, rule {d.rule})"
+            log.info("%s: node %s: %s", self.label, peer, self.last_decision)
+            if outcome is Outcome.IN_SYNC:
+                self.gens = self.gens.sync_finished(self.index[peer])
+                await self._persist_gens()
+                self.bitmaps[peer].clear_all()
+                await self._flush_bitmaps()
+                self._start_epoch(max(self.epoch, peer_epoch) + 1, peer)
+            elif outcome is Outcome.LOCAL_IS_SOURCE:
+                await self._begin_source(peer, d.sync, peer_bitmap)
+            elif outcome is Outcome.PEER_IS_SOURCE:
+                self._set_role(Role.SYNC_TARGET, f"node {peer} is the resync source")
+            else:
+                log.error("%s: node %s and this node hold diverged or unrelated data (%s); "
+                          "replication stays off until an operator picks the survivor",
+                          self.label, peer, self.last_decision)
+                if self.role is not Role.SPLIT_BRAIN:
+                    self.role = Role.SPLIT_BRAIN
+        finally:
+            self._unpause()
+
+    def _start_epoch(self, epoch: int, peer: str) -> None:
+        members = {self.node, peer}
+        self.epoch = epoch
+        self.engine = OrderingEngine(self.node, members, min(members))
+        self.fresh = False
+        self._set_role(Role.IN_SYNC, f"in sync with node {peer}, epoch {epoch}")
+
+    async def _become_degraded(self, lost: list[str], why: str) -> None:
+        """Leave the in-sync set (or start alone): track ``lost`` peers from now on."""
+        await self._pause(drain=False)
+        try:
+            engine = self.engine
+            dirty: list[tuple[int, int]] = []
+            redo: list[tuple[int, Any]] = []
+            if engine is not None:
+                actions: list[Any] = []
+                for peer in lost:
+                    more, ranges = engine.peer_lost(peer)
+                    actions += more
+                    dirty += ranges
+                redo = engine.abandon_unsequenced()
+            bs = self.lun.block_size
+            for peer in lost:
+                for lba, blocks in dirty:
+                    self.bitmaps[peer].mark(lba * bs, blocks * bs)
+            if not self.gens.current:
+                self.gens = self.gens.new_current(os.urandom)
+            for peer in lost:
+                self.gens = self.gens.start_tracking(self.index[peer])
+            await self._persist_gens()  # before any write that waited for them completes
+            if engine is not None:
+                self.engine = None
+                self._set_role(Role.DEGRADED, why)
+                self._run(engine, actions)
+                for rid, local in redo:
+                    self._spawn(self._redo_alone(rid, local))
+                # Writes already ordered finish locally before new ones may overlap them.
+                deadline = time.monotonic() + 30
+                while not engine.idle and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+            else:
+                self._set_role(Role.DEGRADED, why)
+            if self.plan is not None:
+                self.plan.cancel()
+                self.plan = None
+        finally:
+            self._unpause()
+
+    async def _redo_alone(self, rid: int, local: _Local) -> None:
+        try:
+            local.result = await self._apply_alone(local.req)
+        except OSError as e:
+            local.error = e
+        self._locals.pop(rid, None)
+        if not local.done.done():
+            local.done.set_result(None)
+
+    # ------------------------------------------------------------------ resync
+    async def _begin_source(self, peer: str, kind: SyncKind, peer_bitmap: bytes) -> None:
+        bm = self.bitmaps[peer]
+        if kind is SyncKind.FULL:
+            bm.mark_all()
+        elif peer_bitmap:
+            try:
+                bm.merge(DirtyBitmap.from_bytes(peer_bitmap))
+            except ValueError as e:
+                log.warning("%s: node %s sent an unusable bitmap (%s): full resync",
+                            self.label, peer, e)
+                bm.mark_all()
+        await self._flush_bitmaps()
+        self.gens, handle = self.gens.begin_sync_source(self.index[peer])
+        await self._persist_gens()
+        rid = self._new_rid()
+        reply = self._expect(rid)
+        self.send(peer, wire.Control(self.lun_id, wire.ControlKind.SYNC_BEGIN, rid, self.epoch,
+                                     handle))
+        self._set_role(Role.SYNC_SOURCE, f"resyncing {bm.dirty_bytes} bytes to node {peer}")
+        self._spawn(self._resync(peer, reply))
+
+    async def _resync(self, peer: str, begun: asyncio.Future[int]) -> None:
+        try:
+            status = await asyncio.wait_for(begun, self.join_timeout)
+        except asyncio.TimeoutError:
+            status = errno.ETIMEDOUT
+        if status != 0:
+            log.warning("%s: node %s did not start the resync (%s)", self.label, peer,
+                        errno.errorcode.get(status, status))
+            return
+        bm = self.bitmaps[peer]
+        bs = self.lun.block_size
+        plan = self.plan = ResyncPlan(bm, block_size=bs, chunk_bytes=RESYNC_CHUNK,
+                                      max_in_flight=RESYNC_IN_FLIGHT)
+        bucket = TokenBucket(self.resync_rate, self.resync_rate) if self.resync_rate else None
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[None]] = set()
+        started, copied = time.monotonic(), self.resync_bytes
+        while self.role is Role.SYNC_SOURCE and self.plan is plan:
+            for job in plan.next_jobs(loop.time()):
+                if bucket is not None:
+                    wait = bucket.take(job.length, loop.time())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                running.add(asyncio.ensure_future(self._copy(peer, plan, job)))
+            if running:
+                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if not plan.finished:
+                await asyncio.sleep(0.01)  # every dirty region has a pass running elsewhere
+                continue
+            if await self._join(peer, plan):
+                dt = time.monotonic() - started
+                n = self.resync_bytes - copied
+                log.info("%s: resync to node %s done: %d bytes in %.2f s (%.1f MiB/s)",
+                         self.label, peer, n, dt, n / max(dt, 1e-6) / (1 << 20))
+                return
+
+    async def _copy(self, peer: str, plan: ResyncPlan, job: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            buf = await self.lun.apply_block(BlockRequest(BlockOp.READ, job.lba, job.blocks))
+        except OSError as e:
+            log.error("%s: resync read at block %d: %s", self.label, job.lba, e)
+            status = e.errno or errno.EIO
+        else:
+            try:
+                rid = self._new_rid()
+                reply = self._expect(rid)
+                self.send(peer, wire.ResyncData(self.lun_id, rid, 0, job.lba, job.blocks, buf))
+                status = await reply
+            finally:
+                release_buffer(buf)
+        if status == 0:
+            self.resync_bytes += job.length
+            plan.job_done(job, loop.time())
+        else:
+            plan.job_failed(job, loop.time())
+            if status == errno.ENOTCONN:
+                plan.cancel()
+
+    async def _join(self, peer: str, plan: ResyncPlan) -> bool:
+        """The bitmap is empty: with new requests held, make the peer an in-sync replica."""
+        await self._pause()
+        try:
+            if not plan.finished or self.plan is not plan:
+                return False
+            after = self.gens.sync_finished(self.index[peer])
+            rid = self._new_rid()
+            reply = self._expect(rid)
+            epoch = self.epoch + 1
+            self.plan = None
+            # The engine exists before JOIN leaves: the peer may forward as soon as it joins.
+            self._start_epoch(epoch, peer)
+            self.send(peer, wire.Control(self.lun_id, wire.ControlKind.JOIN, rid, epoch, 0,
+                                         after.to_bytes()))
+            try:
+                status = await asyncio.wait_for(reply, self.join_timeout)
+            except asyncio.TimeoutError:
+                status = errno.ETIMEDOUT
+            if status != 0:
+                log.warning("%s: node %s did not join (%s)", self.label, peer,
+                            errno.errorcode.get(status, status))
+                if status != errno.ENOTCONN:
+                    # Still linked but not joined: track it again and start over.
+                    self._spawn(self._rejoin(peer))
+                return True
+            self.gens = after
+            await self._persist_gens()
+            self.bitmaps[peer].clear_all()
+            await self._flush_bitmaps()
+            return True
+        finally:
+            self._unpause()
+
+    async def _rejoin(self, peer: str) -> None:
+        await self._become_degraded([peer], f"node {peer} did not join")
+        self.link_up(peer)
+
+    async def _sync_begin(self, peer: str, msg: wire.Control) -> None:
+        status = 0
+        if self.role is not Role.SYNC_TARGET or not msg.value:
+            status = errno.EPROTO
+        else:
+            self.gens = self.gens.begin_sync_target(msg.value)
+            await self._persist_gens()
+        self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
+
+    async def _resync_data(self, peer: str, msg: wire.ResyncData) -> None:
+        status = 0
+        if self.role is not Role.SYNC_TARGET:
+            status = errno.EPROTO
+        else:
+            try:
+                self._checked(BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks, msg.data),
+                              self.lun.unit.params.blocks)
+                await self.lun.apply_block(BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks,
+                                                        msg.data, fua=True))
+            except (OSError, wire.PeerProtocolError) as e:
+                log.error("%s: resync data at block %d: %s", self.label, msg.lba, e)
+                status = getattr(e, "errno", None) or errno.EIO
+        self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
+
+    async def _join_as_target(self, peer: str, msg: wire.Control) -> None:
+        status = 0
+        try:
+            if self.role is not Role.SYNC_TARGET:
+                raise OSError(errno.EPROTO, f"JOIN while {self.role.value}")
+            source = Generations.from_bytes(msg.body)
+            await self.lun.backend.flush()
+            self.gens = self.gens.adopt(source)
+            await self._persist_gens()
+            for bm in self.bitmaps.values():
+                bm.clear_all()
+            await self._flush_bitmaps()
+            self._start_epoch(msg.epoch, peer)
+        except (OSError, ValueError) as e:
+            log.error("%s: cannot join node %s: %s", self.label, peer, e)
+            status = getattr(e, "errno", None) or errno.EPROTO
+        self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
+
+    # ------------------------------------------------------------------ helpers
+    def _new_rid(self) -> int:
+        rid = self._req_base | self._next_req
+        self._next_req += 1
+        return rid
+
+    def _expect(self, rid: int) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        return fut
+
+    async def _pause(self, drain: bool = True) -> None:
+        self._paused = True
+        self._resume.clear()
+        if drain:
+            await self._idle.wait()
+
+    def _unpause(self) -> None:
+        self._paused = False
+        self._resume.set()
+
+    def _set_role(self, role: Role, why: str) -> None:
+        if role is not self.role:
+            log.info("%s: %s -> %s: %s", self.label, self.role.value, role.value, why)
+            self.role = role
+        self._set_alua(role in _SERVING)
+
+    def _set_alua(self, serving: bool) -> None:
+        alua.set_state(self.lun.unit, ALUA_ACTIVE_OPTIMIZED if serving else ALUA_TRANSITIONING)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: internal error", self.label, exc_info=task.exception())
+
+    async def _persist_gens(self) -> None:
+        await self.run_blocking(self.store.write, self.name + ".gen", self.gens.to_bytes())
+        self.fresh = False  # a record exists now: only two never-used files count as equal
+
+    async def _flush_bitmaps(self) -> None:
+        for peer, bm in self.bitmaps.items():
+            if bm.changed:
+                data = bm.to_bytes()
+                bm.changed = False
+                try:
+                    await self.run_blocking(self.store.write, f"{self.name}.bm-{peer}", data)
+                except BaseException:
+                    bm.changed = True
+                    raise
+
+    async def _bitmap_flusher(self) -> None:
+        while True:
+            await asyncio.sleep(BITMAP_FLUSH_INTERVAL)
+            try:
+                await self._flush_bitmaps()
+            except OSError as e:
+                log.error("%s: cannot write a dirty bitmap: %s", self.label, e)
+
+    # ------------------------------------------------------------------ activity log
+    async def _al_begin(self, off: int, length: int) -> None:
+        al = self.al
+        assert al is not None
+        while True:
+            try:
+                tx = al.begin_write(off, length)
+                break
+            except ActivityLogFull:
+                room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._al_room.append(room)
+                await room
+        if tx is None:
+            return
+        fut = self._tx_done.get(tx)
+        if fut is None:
+            fut = self._tx_done[tx] = asyncio.get_running_loop().create_future()
+        if self._al_task is None:
+            self._al_task = asyncio.ensure_future(self._al_writer())
+        await asyncio.shield(fut)
+        if tx.state is TxState.ABORTED:
+            self._al_end(off, length)
+            raise OSError(errno.EIO, "the activity log could not be written")
+
+    def _al_end(self, off: int, length: int) -> None:
+        assert self.al is not None
+        self.al.end_write(off, length)
+        if self._al_room:
+            rooms, self._al_room = self._al_room, []
+            for room in rooms:
+                if not room.done():
+                    room.set_result(None)
+
+    async def _al_writer(self) -> None:
+        al = self.al
+        assert al is not None
+        try:
+            while (tx := al.next_transaction()) is not None:
+                try:
+                    if tx.evicted:
+                        await self._flush_bitmaps()  # a region leaves the log only when safe
+                    await self.run_blocking(al.persist, tx)
+                except OSError as e:
+                    log.error("%s: activity log write failed: %s", self.label, e)
+                    al.abort(tx)
+                else:
+                    al.commit(tx)
+                fut = self._tx_done.pop(tx, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        finally:
+            self._al_task = None
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        return {
+            "lun_id": self.lun_id, "role": self.role.value, "epoch": self.epoch,
+            "generation": f"{self.gens.current:016x}",
+            "inconsistent": self.gens.inconsistent,
+            "sequencer": self.engine.sequencer if self.engine else None,
+            "in_sync": sorted(self.engine.in_sync) if self.engine else [self.node],
+            "dirty_bytes": {p: bm.dirty_bytes for p, bm in self.bitmaps.items()},
+            "resync_bytes": self.resync_bytes,
+            "last_decision": self.last_decision,
+        }
