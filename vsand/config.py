@@ -4,6 +4,12 @@ Layout (every key but ``data_dir``, ``portals`` and ``targets`` is optional)::
 
     node:
       name: node-a                     # default: the host name; [A-Za-z0-9._-], 1..253 chars
+    cluster:                           # optional, the same on every node; see config_cluster.py
+      id: lab1                         # required; the cluster's name
+      secret_file: cluster.secret      # or secret: <text>; 16..1024 bytes; a file as for CHAP
+      nodes:                           # required: 2..3 nodes, this one (node.name) included
+        - {name: node-a, address: 192.0.2.10:3270}   # where the peers dial it
+        - {name: node-b, address: 192.0.2.11:3270}
     data_dir: /var/lib/vsand           # required
     portals:                           # required, at least one
       - listen: 0.0.0.0:3260           # host:port, [v6]:port, host (port 3260) or a bare IPv6
@@ -23,6 +29,7 @@ Layout (every key but ``data_dir``, ``portals`` and ``targets`` is optional)::
                                        # default "VSAND" + 12 hex digits of sha256(iqn, lun)
             write_cache: writeback     # writeback (default) or writethrough
             thin: true                 # sparse file, UNMAP punches holes; default true
+            mirror: true               # mirror it to the cluster; default: whether there is one
         auth:                          # optional; default method none
           method: chap                 # none or chap
           user: alice                  # the CHAP name initiators log in with
@@ -94,6 +101,10 @@ import yaml
 
 from vsand.protocol.iscsi.login import TargetOffer
 
+from vsand.config_cluster import (
+    NODE_NAME_ALLOWED, ClusterConfig, MirrorIds, check_node_name, cluster_to_dict, read_cluster,
+    read_mirror,
+)
 from vsand.config_schema import (
     ADDRESS_ALLOWED, AUTH_KEYS, ISCSI_NAME_ALLOWED, MISSING, REDACTED, AclEntry,
     AuthConfig, Errors, Section, format_address, format_size, is_wildcard, join,
@@ -134,6 +145,8 @@ class LunConfig:
     serial: str
     write_cache: bool  # True = writeback (WCE=1 in the caching mode page)
     thin: bool = True
+    mirror: bool = False  # mirrored to the cluster's other nodes
+    mirror_id: int = 0  # its id in the peer protocol (config_cluster.mirror_id); 0 if unmirrored
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,7 @@ class Config:
     source: str  # the file it came from, or DEFAULT_SOURCE
     discovery_auth: AuthConfig = AuthConfig()
     warnings: tuple[str, ...] = ()  # not errors, but worth a log line at start-up
+    cluster: ClusterConfig | None = None  # None: a single node, nothing mirrored
 
 
 class ConfigError(Exception):
@@ -284,7 +298,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
                 "number": lun.number, "path": lun.path, "size": format_size(lun.size),
                 "block_size": lun.block_size, "read_only": lun.read_only, "serial": lun.serial,
                 "write_cache": "writeback" if lun.write_cache else "writethrough",
-                "thin": lun.thin,
+                "thin": lun.thin, "mirror": lun.mirror,
             } for lun in t.luns],
             "auth": _auth_to_dict(t.auth),
         }
@@ -298,6 +312,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     iscsi["data_digest"] = list(config.iscsi.data_digest)
     return {
         "node": {"name": config.node_name},
+        **({"cluster": cluster_to_dict(config.cluster)} if config.cluster else {}),
         "data_dir": config.data_dir,
         "portals": portals,
         "targets": targets,
@@ -361,11 +376,11 @@ class _Loader(yaml.SafeLoader):
 # Building and validating
 
 _TOP_KEYS: Final = ("node", "data_dir", "portals", "targets", "discovery_auth", "iscsi",
-                    "io_threads", "log_level", "admin_socket", "metrics")
+                    "io_threads", "log_level", "admin_socket", "metrics", "cluster")
 _PORTAL_KEYS: Final = ("listen", "advertise", "group")
 _TARGET_KEYS: Final = ("iqn", "alias", "luns", "auth", "acl")
 _LUN_KEYS: Final = ("number", "path", "size", "block_size", "read_only", "serial",
-                    "write_cache", "thin")
+                    "write_cache", "thin", "mirror")
 # name -> (lowest, highest); the default comes from IscsiConfig.  Ranges are RFC 7143's.
 _ISCSI_INTS: Final = {
     "queue_depth": (1, 1024),
@@ -377,7 +392,6 @@ _ISCSI_INTS: Final = {
 _ISCSI_BOOLS: Final = ("immediate_data", "initial_r2t")
 _ISCSI_SECONDS: Final = {"nop_interval": True, "nop_timeout": False, "login_timeout": False}
 _MAX_SECONDS: Final = 3600.0
-_NODE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _SERIAL_RE: Final = re.compile(r"[\x21-\x7e]{1,20}")
 _MAX_SIZE: Final = (1 << 63) - 1  # off_t
 _SUN_PATH_MAX: Final = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
@@ -409,12 +423,6 @@ def _path_checker(base: str) -> Callable[[str], str]:
             raise ValueError("starts with '~', which is not expanded")
         return os.path.normpath(os.path.join(base, text))
     return check
-
-
-def _check_node_name(text: str) -> str:
-    if not _NODE_NAME_RE.fullmatch(text):
-        raise ValueError("is not a valid node name")
-    return text
 
 
 def _check_alias(text: str) -> str:
@@ -449,14 +457,13 @@ def _build(data: object, source: str, base: str) -> Config:
     check_path = _path_checker(base)
 
     node = Section(errors, "node", top.raw("node"), ("name",))
-    node_name = node.string("name", _host_name(), "1..253 of A-Z a-z 0-9 . _ -, starting "
-                            "with a letter or digit", check=_check_node_name)
+    node_name = node.string("name", _host_name(), NODE_NAME_ALLOWED, check=check_node_name)
     data_dir = top.string("data_dir", None, _PATH_ALLOWED, "the directory for vsand's state",
                           check=check_path)
 
     portals, binds = _read_portals(top)
     warnings: list[str] = []
-    targets = _read_targets(top, check_path, warnings)
+    targets = _read_targets(top, check_path, warnings, clustered=top.raw("cluster") is not MISSING)
     discovery_auth = read_auth(Section(errors, "discovery_auth", top.raw("discovery_auth"),
                                        AUTH_KEYS), check_path, warnings)
     if discovery_auth is not None:
@@ -483,6 +490,7 @@ def _build(data: object, source: str, base: str) -> Config:
         metrics_listen = None if addr is None else format_address(*addr)
         if addr is not None:
             binds.append(("metrics.listen", addr))
+    cluster = read_cluster(top, node_name, check_path, binds)
     _check_binds(errors, binds)
 
     if errors.lines:
@@ -492,7 +500,7 @@ def _build(data: object, source: str, base: str) -> Config:
         targets=tuple(targets), iscsi=_ok(iscsi), io_threads=_ok(io_threads),
         log_level=_ok(log_level), admin_socket=_ok(admin_socket),
         metrics_listen=_ok(metrics_listen), source=source,
-        discovery_auth=_ok(discovery_auth), warnings=tuple(warnings))
+        discovery_auth=_ok(discovery_auth), warnings=tuple(warnings), cluster=cluster)
 
 
 def _read_portals(top: Section) -> tuple[list[PortalConfig], list[tuple[str, tuple[str, int]]]]:
@@ -556,11 +564,12 @@ def _check_secret_directions(errors: Errors, targets: list[TargetConfig],
 
 
 def _read_targets(top: Section, check_path: Callable[[str], str],
-                  warnings: list[str]) -> list[TargetConfig]:
+                  warnings: list[str], clustered: bool) -> list[TargetConfig]:
     targets: list[TargetConfig] = []
     iqns: dict[str, str] = {}  # normalised IQN -> key path of its first use
     lun_paths: dict[str, str] = {}  # real path -> key path of its first use
     serials: dict[str, str] = {}
+    mirror_ids = MirrorIds(top.errors)
     for path, item in top.items("targets", "at least one target"):
         sec = Section(top.errors, path, item, _TARGET_KEYS)
         start = len(top.errors.lines)
@@ -576,7 +585,7 @@ def _read_targets(top: Section, check_path: Callable[[str], str],
         luns: list[LunConfig] = []
         numbers: dict[int, str] = {}
         for lun_path, lun_item in sec.items("luns", "at least one LUN"):
-            lun = _read_lun(sec, lun_path, lun_item, iqn, check_path)
+            lun = _read_lun(sec, lun_path, lun_item, iqn, check_path, clustered)
             if lun.number is not None:
                 if lun.number in numbers:
                     sec.errors.add(join(lun_path, "number"),
@@ -599,6 +608,8 @@ def _read_targets(top: Section, check_path: Callable[[str], str],
                 serials.setdefault(lun.serial, join(lun_path, "serial"))
             if lun.done is not None:
                 luns.append(lun.done)
+                if lun.done.mirror:
+                    mirror_ids.add(lun_path, lun.done.mirror_id)
         auth = read_auth(Section(top.errors, join(path, "auth"), sec.raw("auth"), AUTH_KEYS),
                          check_path, warnings)
         acl = read_acl(sec, set(numbers) if numbers else None)
@@ -626,7 +637,7 @@ class _Lun:
 
 
 def _read_lun(target: Section, path: str, item: object, iqn: str | None,
-              check_path: Callable[[str], str]) -> _Lun:
+              check_path: Callable[[str], str], clustered: bool) -> _Lun:
     errors = target.errors
     start = len(errors.lines)
     sec = Section(errors, path, item, _LUN_KEYS)
@@ -643,6 +654,7 @@ def _read_lun(target: Section, path: str, item: object, iqn: str | None,
         serial = derive_serial(iqn, number)
     write_cache = sec.one_of("write_cache", True, _WRITE_CACHE)
     thin = sec.boolean("thin", True)
+    mirror, mirror_id = read_mirror(sec, clustered, iqn, number)
 
     if size is not None and size > _MAX_SIZE:
         sec.error("size", f"{size} bytes is too large (allowed: at most {_MAX_SIZE}, the "
@@ -669,7 +681,8 @@ def _read_lun(target: Section, path: str, item: object, iqn: str | None,
     if len(errors.lines) == start and serial is not None:
         done = LunConfig(number=_ok(number), path=_ok(file), size=_ok(size),
                          block_size=_ok(block_size), read_only=_ok(read_only),
-                         serial=_ok(serial), write_cache=_ok(write_cache), thin=_ok(thin))
+                         serial=_ok(serial), write_cache=_ok(write_cache), thin=_ok(thin),
+                         mirror=_ok(mirror), mirror_id=mirror_id)
     return _Lun(number, file, serial, done)
 
 

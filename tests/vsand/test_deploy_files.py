@@ -5,7 +5,8 @@
   platform collectors the daemon's registry carries), not copied from the code by hand.
 - The initiator guides' vendor/product strings (multipath.conf, the ESXi claim rule, the
   Windows MPIO hardware ID) must be what INQUIRY returns.
-- Every example config loads without errors or warnings.
+- Every example config loads without errors or warnings (a cluster's secret file, which is
+  not in the repository, is written by the test); the two-node examples describe one cluster.
 - With promtool installed, the rules pass ``promtool check rules`` and unit tests of when each
   alert fires.
 """
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from vsand.config import load_config
+from vsand.config import Config, load_config, parse_config
 from vsand.lun import Lun
 from vsand.metrics import VsandCollector
 from vsand.protocol.scsi import spc
@@ -345,8 +346,39 @@ def test_windows_hardware_id_matches_inquiry() -> None:
 # Example configs
 
 
+def _load_example(path: Path, tmp: Path) -> Config:
+    """`path` loaded as vsand would, its cluster secret file (not in the repository) replaced
+    by one written here; relative paths still resolve next to the example."""
+    doc = yaml.safe_load(path.read_text())
+    cluster = doc.get("cluster") or {}
+    if "secret_file" in cluster:
+        secret = tmp / "cluster.secret"
+        secret.write_text("a-generated-cluster-secret-for-the-test\n")
+        secret.chmod(0o600)
+        cluster["secret_file"] = str(secret)
+        return parse_config(yaml.safe_dump(doc), str(path))
+    return load_config(path)
+
+
 @pytest.mark.parametrize("path", sorted((DEPLOY / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_example_configs_load(path: Path) -> None:
-    cfg = load_config(path)
+def test_example_configs_load(path: Path, tmp_path: Path) -> None:
+    cfg = _load_example(path, tmp_path)
     assert cfg.warnings == ()
+
+
+def test_two_node_examples_form_one_cluster(tmp_path: Path) -> None:
+    a, b = (_load_example(DEPLOY / "examples" / f"two-node-{n}.yaml", tmp_path)
+            for n in "ab")
+    assert a.cluster is not None and b.cluster is not None
+    assert a.cluster == b.cluster
+    assert [n.name for n in a.cluster.nodes] == [a.node_name, b.node_name] == ["node-a", "node-b"]
+    assert a.targets == b.targets  # same IQNs, serials, sizes and mirror ids
+    assert all(lun.mirror for t in a.targets for lun in t.luns)
+    # One ALUA target port group per node, each advertising the address of that node.
+    assert {p.group_tag for p in a.portals}.isdisjoint(p.group_tag for p in b.portals)
+    for cfg in (a, b):
+        assert cfg.cluster is not None
+        assert {p.advertise_host for p in cfg.portals} == {cfg.cluster.node(cfg.node_name).host}
+    assert dataclasses.replace(a, node_name="", portals=(), source="", cluster=None) == \
+        dataclasses.replace(b, node_name="", portals=(), source="", cluster=None)
