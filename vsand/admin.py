@@ -89,10 +89,11 @@ class AdminServer:
         if cmd == "reload":
             return None  # asynchronous: see _client
         handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
-                   "alua": self.alua}.get(cmd)
+                   "alua": self.alua, "cluster": self.cluster}.get(cmd)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} "
-                                          "(known: status, sessions, luns, alua, reload)"}
+                                          "(known: status, sessions, luns, alua, cluster, "
+                                          "reload)"}
         try:
             return {"ok": True, "result": handler(**req.get("args", {}))}
         except (TypeError, ValueError, KeyError) as e:
@@ -135,7 +136,14 @@ class AdminServer:
             "targets": len(reg.targets) if reg else 0,
             "sessions": len(reg.sessions) if reg else 0,
             "connections": len(reg.connections) if reg else 0,
+            "mirrored_luns": {label: m["role"] for label, m in
+                              d.cluster.status()["luns"].items()} if d.cluster else {},
         }
+
+    def cluster(self) -> dict[str, Any]:
+        """Peers and the replication state of every mirrored LUN ({} when not clustered)."""
+        c = self.daemon.cluster
+        return c.status() if c is not None else {}
 
     def sessions(self) -> list[dict[str, Any]]:
         reg = self.daemon.registry

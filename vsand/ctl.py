@@ -22,6 +22,20 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _cluster_text(result: dict[str, Any]) -> str:
+    if not result:
+        return "not part of a cluster"
+    peers = [{"peer": name, **p} for name, p in result["peers"].items()]
+    luns = [{"lun": label, "role": m["role"], "epoch": m["epoch"],
+             "in_sync": ",".join(m["in_sync"]), "generation": m["generation"],
+             "dirty": ",".join(f"{p}:{n}" for p, n in m["dirty_bytes"].items()),
+             "decision": m["last_decision"]} for label, m in result["luns"].items()]
+    return (f"cluster {result['cluster']}, node {result['node']}\n"
+            + _table(peers, ["peer", "address", "state", "rtt_ms"]) + "\n\n"
+            + _table(luns, ["lun", "role", "epoch", "in_sync", "generation", "dirty",
+                            "decision"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsanctl", description="manage a running vsand")
     parser.add_argument("-s", "--socket", default=DEFAULT_SOCKET,
@@ -30,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("status", "daemon, portals, sessions"), ("sessions", "iSCSI sessions"),
                        ("luns", "LUNs and their I/O counters"),
+                       ("cluster", "peer links and the replication state of mirrored LUNs"),
                        ("reload", "re-read the config file and apply what changed")):
         sub.add_parser(name, help=text)
     a = sub.add_parser("alua", help="show or set the ALUA access state of LUNs (testing, drills)")
@@ -61,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"needs a restart: {line}")
     elif args.command == "alua":
         print(_table(result, ["target", "lun", "state", "port_group"]))
+    elif args.command == "cluster":
+        print(_cluster_text(result))
     else:
         print(_table(result, ["target", "lun", "path", "blocks", "block_size", "read_only",
                               "read_ops", "write_ops"]))

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from .admin import AdminServer
 from .backends.file import FileBackend
@@ -61,6 +62,7 @@ class Daemon:
         # Identifier+challenge pairs initiators used for mutual CHAP, across all logins.
         self.chap_guard = ReplayGuard()
         self.prstore = PrStore(config.data_dir)  # APTPL reservations, per LU
+        self.cluster: Any = None  # a vsand.cluster.Cluster when the config has a cluster
 
     def refresh_digest(self) -> None:
         # Shown by vsanctl status, so drift between nodes' configs is visible.
@@ -130,6 +132,12 @@ class Daemon:
                                        nop_timeout=ic.nop_timeout, login_timeout=ic.login_timeout,
                                        discovery_auth=auth_policy(c.discovery_auth,
                                                                   self.chap_guard))
+        if c.cluster is not None:
+            from .cluster import Cluster
+            loop = asyncio.get_running_loop()
+            self.cluster = Cluster(c, lambda fn, *a: loop.run_in_executor(self.executor, fn, *a))
+            await self.cluster.start([(lc, self.registry.targets[t.iqn].luns[lc.number])
+                                      for t in c.targets for lc in t.luns])
         for portal in portals:
             await self.listen(portal)
         try:
@@ -160,6 +168,8 @@ class Daemon:
             await asyncio.sleep(0)
         for server in self.servers.values():
             await server.wait_closed()
+        if self.cluster is not None:
+            await self.cluster.close()
         for backend in self.backends:
             try:
                 await asyncio.get_running_loop().run_in_executor(self.executor, os.fsync,

@@ -1,0 +1,138 @@
+"""This node's part of a cluster: its peer links and its mirrored LUNs.
+
+The ``Cluster`` owns one ``PeerEndpoint`` (authenticated links to every peer node, with
+heartbeats and reconnects) and one ``MirroredLun`` per mirrored LUN.  It routes what arrives
+on a link to the LUN the frame names, tells every LUN when a peer comes or goes, and gives the
+LUNs a way to send.  At start-up a LUN serves nothing until its peer answered and both agreed
+on their data (``MirroredLun``), or until ``startup_wait`` passed with no peer reachable: then
+it serves alone and tracks what the peer will need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config, LunConfig
+from .lun import Lun
+from .metafiles import FileMetaStore
+from .mirror.handshake import LunInfo, NodeIdentity
+from .mirror.messages import Heartbeat, HeartbeatAck, Message
+from .peer import LinkState, PeerEndpoint, PeerLink
+from .replication import MirroredLun
+
+log = logging.getLogger("vsand.cluster")
+
+
+class Cluster:
+    def __init__(self, config: Config, run_blocking: Callable[..., Any]) -> None:
+        cc = config.cluster
+        assert cc is not None
+        self.config = cc
+        self.node = config.node_name
+        self.meta_dir = os.path.join(config.data_dir, "mirror")
+        self.run_blocking = run_blocking
+        self.luns: dict[int, MirroredLun] = {}
+        self.endpoint: PeerEndpoint | None = None
+        self._startup: asyncio.TimerHandle | None = None
+
+    async def start(self, luns: list[tuple[LunConfig, Lun]]) -> None:
+        cc = self.config
+        os.makedirs(self.meta_dir, mode=0o700, exist_ok=True)
+        store = FileMetaStore(self.meta_dir)
+        names = [n.name for n in cc.nodes]
+        for lc, lun in luns:
+            if not lc.mirror:
+                continue
+            m = MirroredLun(lun, lc.mirror_id, self.node, names, store, self.send,
+                            cluster_id=cc.cluster_id, run_blocking=self.run_blocking,
+                            resync_rate=cc.resync_rate, join_timeout=2 * cc.peer_timeout)
+            await m.attach()
+            self.luns[lc.mirror_id] = m
+        identity = NodeIdentity(cc.cluster_id, self.node, tuple(
+            LunInfo(m.lun_id, m.lun.unit.params.serial, m.lun.block_size,
+                    m.lun.unit.params.blocks) for m in self.luns.values()))
+        peers = cc.peers(self.node)
+        endpoint = self.endpoint = PeerEndpoint(
+            identity, cc.secret, [p.name for p in peers], on_up=self._up,
+            on_message=self._message, on_lost=self._lost,
+            heartbeat_interval=cc.heartbeat_interval, heartbeat_timeout=cc.peer_timeout)
+        await endpoint.listen(cc.listen_host, cc.listen_port)
+        log.info("cluster %s: node %s, replication on %s:%d, %d mirrored LUN(s), peers %s",
+                 cc.cluster_id, self.node, cc.listen_host, cc.listen_port, len(self.luns),
+                 ", ".join(f"{p.name} ({p.host}:{p.port})" for p in peers))
+        for p in peers:
+            endpoint.connect(p.name, p.host, p.port)
+        self._startup = asyncio.get_running_loop().call_later(cc.startup_wait,
+                                                              self._startup_over)
+
+    def _startup_over(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        for m in self.luns.values():
+            if not any(p in endpoint.links for p in m.peers):
+                if m.role.value == "connecting":
+                    log.warning("%s: no peer answered within %g s; serving alone",
+                                m.label, self.config.startup_wait)
+                m.go_alone()
+
+    def send(self, peer: str, msg: Message) -> bool:
+        endpoint = self.endpoint
+        link = endpoint.links.get(peer) if endpoint is not None else None
+        if link is None or link.state is not LinkState.UP:
+            return False
+        link.send(msg)
+        return True
+
+    def _up(self, link: PeerLink) -> None:
+        peer = link.peer_id
+        assert peer is not None
+        for lun_id in link.common_luns:
+            m = self.luns.get(lun_id)
+            if m is not None:
+                m.link_up(peer)
+
+    def _message(self, link: PeerLink, msg: Message) -> None:
+        if type(msg) is Heartbeat or type(msg) is HeartbeatAck:
+            return
+        peer = link.peer_id
+        assert peer is not None
+        m = self.luns.get(getattr(msg, "lun", -1))
+        if m is None or m.lun_id not in link.common_luns:
+            log.debug("node %s: %s for a LUN not mirrored on this link", peer, msg.TYPE.name)
+            return
+        m.receive(peer, msg)  # a PeerProtocolError drops the link
+
+    def _lost(self, link: PeerLink, reason: str) -> None:
+        peer = link.peer_id
+        if peer is None:
+            return
+        for m in self.luns.values():
+            m.peer_lost(peer)
+
+    def status(self) -> dict[str, Any]:
+        endpoint = self.endpoint
+        links = {}
+        if endpoint is not None:
+            for p in self.config.peers(self.node):
+                link = endpoint.links.get(p.name)
+                links[p.name] = {
+                    "address": f"{p.host}:{p.port}",
+                    "state": "up" if link is not None else "down",
+                    "rtt_ms": round(link.rtt_avg * 1e3, 3) if link and link.rtt_avg else None,
+                }
+        return {"cluster": self.config.cluster_id, "node": self.node, "peers": links,
+                "luns": {m.label: m.status() for m in self.luns.values()}}
+
+    async def close(self) -> None:
+        if self._startup is not None:
+            self._startup.cancel()
+        # Links first: the LUNs record that their peers are away before they close.
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        for m in self.luns.values():
+            await m.close()
