@@ -1,4 +1,4 @@
-"""The ``vsand`` command: run the daemon, check a config file."""
+"""The ``vsand`` command: run the daemon, check a config file, start a local demo cluster."""
 
 from __future__ import annotations
 
@@ -48,7 +48,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="data directory of the built-in config")
     check_p = sub.add_parser("check-config", help="validate a config file and exit")
     check_p.add_argument("file")
+    demo_p = sub.add_parser("demo", help="run a two-node mirrored cluster on 127.0.0.1 to try")
+    demo_p.add_argument("--dir", default="./vsand-demo",
+                        help="configs, logs and LUN files (default ./vsand-demo)")
+    demo_p.add_argument("--base-port", type=int, default=3260,
+                        help="iSCSI port of node a (default 3260); node b uses +1, "
+                             "replication +10/+11, metrics +6210/+6211")
+    demo_p.add_argument("--size", default="1GiB", help="LUN size (default 1GiB)")
     args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(args.dir, base_port=args.base_port, size=args.size)
 
     if args.command == "check-config":
         try:
