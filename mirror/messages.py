@@ -103,6 +103,7 @@ class MsgType(enum.IntEnum):
     ORDERED = 22
     COMPARE_AND_WRITE = 23
     CONTROL = 24
+    STATE = 25
     GENERATIONS = 32
     RESYNC_REQUEST = 33
     RESYNC_DATA = 34
@@ -365,7 +366,7 @@ class Ack(_Base):
 
 # FORWARD carries the request as the frontend made it; what its payload holds depends on op.
 _FORWARD_OPS = frozenset({BlockOp.WRITE, BlockOp.WRITE_SAME, BlockOp.UNMAP, BlockOp.FLUSH,
-                          BlockOp.COMPARE_AND_WRITE})
+                          BlockOp.COMPARE_AND_WRITE, BlockOp.STATE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +413,10 @@ class Forward(_Base):
             return _data_problem(n, self.blocks, 2 if op == BlockOp.COMPARE_AND_WRITE else 1)
         if op == BlockOp.WRITE_SAME:
             return _same_problem(n, self.blocks)
+        if op == BlockOp.STATE:
+            if self.lba or self.blocks or self.fua or not n:
+                return "FORWARD STATE with an address or FUA, or without a record"
+            return None
         # UNMAP and FLUSH address nothing through lba/blocks and carry no data.
         if self.lba or self.blocks or n or self.fua:
             return f"FORWARD {op.name} with an address, data or FUA"
@@ -468,6 +473,27 @@ class CompareAndWrite(_Base):
 
     def _problem(self) -> str | None:
         return _data_problem(_nbytes(self.data), self.blocks, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class State(_Base):
+    """A sequenced change of the LUN's shared SCSI state (protocol.scsi.shared's record)."""
+    lun: int
+    epoch: int
+    seq: int
+    request_id: int
+    record: Buffer
+    TYPE: ClassVar[MsgType] = MsgType.STATE
+
+    def _pack(self) -> tuple[Fields, Buffer]:
+        return (0, self.lun, 0, self.epoch, 0, self.seq, self.request_id, 0, 0), self.record
+
+    @classmethod
+    def _unpack(cls, f: Fields, payload: memoryview) -> State:
+        return cls(f[1], f[3], f[5], f[6], bytes(payload))
+
+    def _problem(self) -> str | None:
+        return None if _nbytes(self.record) else "STATE without a record"
 
 
 class ControlKind(enum.IntEnum):
@@ -603,14 +629,14 @@ class VerifyResult(_Base):
 
 Message: TypeAlias = (Hello | ChallengeResponse | Welcome | Goodbye | Heartbeat | HeartbeatAck
                       | Write | WriteSame | Unmap | Flush | Ack | Forward | Ordered
-                      | CompareAndWrite | Control
+                      | CompareAndWrite | Control | State
                       | Generations | ResyncRequest | ResyncData | VerifyRequest | VerifyResult)
 
 _Unpack: TypeAlias = Callable[[Fields, memoryview], Message]
 _DECODERS: dict[int, _Unpack] = {
     cls.TYPE: cls._unpack for cls in (
         Hello, ChallengeResponse, Welcome, Goodbye, Heartbeat, HeartbeatAck, Write, WriteSame,
-        Unmap, Flush, Ack, Forward, Ordered, CompareAndWrite, Control, Generations, ResyncRequest, ResyncData,
+        Unmap, Flush, Ack, Forward, Ordered, CompareAndWrite, Control, State, Generations, ResyncRequest, ResyncData,
         VerifyRequest, VerifyResult)
 }
 assert set(_DECODERS) == set(MsgType)

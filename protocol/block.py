@@ -20,6 +20,9 @@ class BlockOp(enum.IntEnum):
     COMPARE_AND_WRITE = 6  # ``data`` = verify blocks then write blocks; atomic
     LBA_STATUS = 7  # report mapped / deallocated extents from ``lba`` on
     PREFETCH = 8  # a hint: bring [lba, lba+blocks) into cache
+    # A change of the logical unit's shared state (protocol.scsi.shared): ``data`` is the
+    # encoded change; every replica applies it in the LUN's order.
+    STATE = 9
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class Extent:
 #   COMPARE_AND_WRITE  -> -1 when the compare matched and the write happened, otherwise the
 #                         byte offset of the first mismatch within the verify data
 #   LBA_STATUS         -> list[Extent], starting at ``lba``, contiguous, at least one
+#   STATE              -> the ScsiResult of applying the change on this replica
 # Failures are raised by the executor as OSError with an errno; the frontend maps errno to its
 # own error (see protocol.scsi.sense.sense_for_errno).  A request whose ``lun`` names no LUN of
 # the target fails with ENODEV.

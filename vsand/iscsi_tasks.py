@@ -11,13 +11,16 @@ bit at every MaxBurstLength and the status in the last one when there is no sens
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import DEFAULT_POOL, release_buffer
 from .protocol.iscsi import pdu
+from .protocol.block import BlockOp, BlockRequest
 from .protocol.iscsi.pdu import RejectReason, TmfFunction, TmfResponse
+from .protocol.scsi import shared
 from .protocol.scsi.sense import CheckCondition
 from .protocol.scsi.types import ScsiResult, Status
 
@@ -393,6 +396,7 @@ class TmfHandler:
         waits: list[asyncio.Task[None]] = []
         response = TmfResponse.COMPLETE
         after = None
+        replicated = False  # ``after`` returns an awaitable: the reset goes through the mirror
         if fn == TmfFunction.ABORT_TASK:
             task = conn.tasks.get(msg.rtt)
             if task is None or task.lun != lun:
@@ -417,7 +421,15 @@ class TmfHandler:
                 response = TmfResponse.NO_LUN
             else:
                 waits += self._abort_everywhere(target, lun)
-                after = lambda: target.scsi.lun_reset(lun, conn.session.nexus)  # noqa: E731
+                unit = view.luns[lun]
+                replicated = unit.mirror is not None
+                if replicated:
+                    # Every replica resets (and raises 29/03) at the same point of the order.
+                    record = shared.encode_lu_reset(conn.session.nexus)
+                    after = lambda: unit.execute_block(  # noqa: E731
+                        BlockRequest(BlockOp.STATE, data=record))
+                else:
+                    after = lambda: target.scsi.lun_reset(lun, conn.session.nexus)  # noqa: E731
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             waits += self._abort_everywhere(target, None)
             # Only the LUNs this session can see: a masked LUN is not part of its target.
@@ -436,7 +448,13 @@ class TmfHandler:
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
             if after is not None:
-                after()
+                done = after()
+                if inspect.isawaitable(done):
+                    try:
+                        await done
+                    except OSError as e:
+                        log.warning("%s: LUN %d reset not applied on every replica: %s",
+                                    conn.peer, lun, e)
             self._respond(msg, response)
             if cold and response == TmfResponse.COMPLETE:
                 for c in list(conn.registry.connections):
@@ -444,7 +462,7 @@ class TmfHandler:
                         c.close()
                 conn.close_after_flush()
 
-        if waits or cold:
+        if waits or cold or replicated:
             asyncio.get_event_loop().create_task(finish())
         else:
             if after is not None:

@@ -48,7 +48,8 @@ _READ = BlockOp.READ
 _WRITE = BlockOp.WRITE
 # Ops whose failure is a write error (MEDIUM ERROR 0C/00 rather than 11/00 for EIO).
 _WRITE_OPS = frozenset(
-    (BlockOp.WRITE, BlockOp.WRITE_SAME, BlockOp.COMPARE_AND_WRITE, BlockOp.UNMAP, BlockOp.FLUSH)
+    (BlockOp.WRITE, BlockOp.WRITE_SAME, BlockOp.COMPARE_AND_WRITE, BlockOp.UNMAP, BlockOp.FLUSH,
+     BlockOp.STATE)
 )
 _CHECK_CONDITION = int(Status.CHECK_CONDITION)
 NOT_DONE: Any = object()  # try_block: "needs the async path"
@@ -84,6 +85,7 @@ class Lun:
         "read_hist",
         "write_hist",
         "mirror",
+        "_device",
     )
 
     def __init__(self, number: int, unit: LogicalUnit, backend: Backend) -> None:
@@ -114,6 +116,7 @@ class Lun:
         # A MirroredLun (vsand.replication) when the LUN is mirrored: data-changing requests
         # go through it to every replica; it applies them here with ``apply_block``.
         self.mirror: Any = None
+        self._device: Any = None  # a ScsiTarget of this LU alone, to apply shared state
 
     @classmethod
     def from_params(cls, number: int, params: LunParams, backend: Backend) -> Lun:
@@ -218,6 +221,14 @@ class Lun:
             return await be.compare_and_write(req.lba * bs, view[:n], view[n:], fua)
         if op is BlockOp.LBA_STATUS:
             return await self._lba_status(req.lba, req.blocks)
+        if op is BlockOp.STATE:
+            if self._device is None:
+                from .protocol.scsi.target import ScsiTarget as Device
+                self._device = Device({self.number: self.unit})
+            try:
+                return self._device.apply_shared(self.number, req.data)
+            except ValueError as e:
+                raise OSError(errno.EINVAL, f"shared state change: {e}") from None
         if op is BlockOp.PREFETCH:
             await be.prefetch(req.lba * bs, req.blocks * bs)
             return None
@@ -258,7 +269,7 @@ class Lun:
         release_buffer(buf)
 
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__[4:-1]}
+        return {name: getattr(self, name) for name in self.__slots__[4:-2]}
 
 
 def release_result(result: ScsiResult) -> None:

@@ -90,7 +90,10 @@ class Role(enum.Enum):
 
 
 _SERVING = frozenset((Role.DEGRADED, Role.SYNC_SOURCE, Role.IN_SYNC))
-_SEQUENCED = (wire.Write, wire.WriteSame, wire.Unmap, wire.Flush, wire.CompareAndWrite)
+_SEQUENCED = (wire.Write, wire.WriteSame, wire.Unmap, wire.Flush, wire.CompareAndWrite,
+              wire.State)
+# Requests that order against the whole LUN but change no block: no activity log, no bitmap.
+_NO_DATA = frozenset((BlockOp.FLUSH, BlockOp.STATE))
 
 
 class _Local:
@@ -110,7 +113,7 @@ def _extent(req: BlockRequest, total_blocks: int) -> tuple[int, int]:
     if op is BlockOp.UNMAP:
         lo = min(lba for lba, _ in req.ranges)
         return lo, max(lba + n for lba, n in req.ranges) - lo
-    if op is BlockOp.FLUSH:
+    if op in _NO_DATA:
         return 0, total_blocks
     return req.lba, req.blocks
 
@@ -128,6 +131,9 @@ def _frame(lun_id: int, epoch: int, seq: int, rid: int, req: BlockRequest) -> wi
         return wire.Unmap(lun_id, epoch, seq, rid, req.ranges)
     if op is BlockOp.FLUSH:
         return wire.Flush(lun_id, epoch, seq, rid)
+    if op is BlockOp.STATE:
+        assert data is not None
+        return wire.State(lun_id, epoch, seq, rid, data)
     assert data is not None and op is BlockOp.COMPARE_AND_WRITE
     return wire.CompareAndWrite(lun_id, epoch, seq, rid, req.lba, req.blocks, data, req.fua)
 
@@ -142,6 +148,8 @@ def _request(msg: wire.Message) -> BlockRequest:
         return BlockRequest(BlockOp.UNMAP, ranges=msg.ranges)
     if isinstance(msg, wire.Flush):
         return BlockRequest(BlockOp.FLUSH)
+    if isinstance(msg, wire.State):
+        return BlockRequest(BlockOp.STATE, data=msg.record)
     assert isinstance(msg, wire.CompareAndWrite)
     return BlockRequest(BlockOp.COMPARE_AND_WRITE, msg.lba, msg.blocks, msg.data, msg.fua)
 
@@ -200,6 +208,7 @@ class MirroredLun:
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
         lun.mirror = self
+        lun.unit.shared = True  # reservations and resets travel through the order too
 
     # ------------------------------------------------------------------ start, stop
     async def attach(self) -> None:
@@ -255,6 +264,7 @@ class MirroredLun:
             al.evict_idle()  # a clean stop leaves an empty log: no dirty regions at restart
             await self.run_blocking(al.persist_pending)
         self.lun.mirror = None
+        self.lun.unit.shared = False
 
     # ------------------------------------------------------------------ the I/O path
     async def submit(self, req: BlockRequest) -> Any:
@@ -299,15 +309,19 @@ class MirroredLun:
                     log.info("%s: new data generation %016x (peers away: %s)", self.label,
                              self.gens.current, ", ".join(self.peers))
         off, length = self._bytes(req)
-        for bm in self.bitmaps.values():
-            bm.mark(off, length)
+        if length:
+            for bm in self.bitmaps.values():
+                bm.mark(off, length)
         result = await self._apply_logged(req)
         plan = self.plan
-        if plan is not None:
+        if plan is not None and length:
             plan.redirty(off, length)
         return result
 
     def _bytes(self, req: BlockRequest) -> tuple[int, int]:
+        """The bytes a request may change; (0, 0) for FLUSH and STATE."""
+        if req.op in _NO_DATA:
+            return 0, 0
         lba, blocks = _extent(req, self.lun.unit.params.blocks)
         bs = self.lun.block_size
         return lba * bs, blocks * bs
@@ -315,6 +329,8 @@ class MirroredLun:
     async def _apply_logged(self, req: BlockRequest) -> Any:
         """Apply on the local backend, inside the activity log."""
         off, length = self._bytes(req)
+        if not length:
+            return await self.lun.apply_block(req)
         await self._al_begin(off, length)
         try:
             return await self.lun.apply_block(req)
@@ -425,7 +441,7 @@ class MirroredLun:
         if lba + blocks > total:
             raise wire.PeerProtocolError(f"{req.op.name} of blocks {lba}+{blocks} beyond the "
                                          f"LUN's {total}")
-        if req.data is not None:
+        if req.data is not None and req.op is not BlockOp.STATE:
             n = len(req.data)
             want = {BlockOp.WRITE_SAME: bs, BlockOp.COMPARE_AND_WRITE: 2 * blocks * bs}.get(
                 req.op, blocks * bs)
@@ -555,19 +571,19 @@ class MirroredLun:
         await self._pause(drain=False)
         try:
             engine = self.engine
-            dirty: list[tuple[int, int]] = []
             redo: list[tuple[int, Any]] = []
             if engine is not None:
                 actions: list[Any] = []
                 for peer in lost:
-                    more, ranges = engine.peer_lost(peer)
-                    actions += more
-                    dirty += ranges
+                    actions += engine.peer_lost(peer)[0]
                 redo = engine.abandon_unsequenced()
-            bs = self.lun.block_size
-            for peer in lost:
-                for lba, blocks in dirty:
-                    self.bitmaps[peer].mark(lba * bs, blocks * bs)
+            # Every local request in flight may be missing at the lost peers (a superset of
+            # the engine's list, which cannot tell a FLUSH from a write of the whole LUN).
+            for local in self._locals.values():
+                off, length = self._bytes(local.req)
+                if length:
+                    for peer in lost:
+                        self.bitmaps[peer].mark(off, length)
             if not self.gens.current:
                 self.gens = self.gens.new_current(os.urandom)
             for peer in lost:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from . import alua, pr, sbc, spc, xcopy
+from . import alua, pr, sbc, shared, spc, xcopy
+from ..block import BlockOp, BlockRequest
 from .cdb import OpSpec, check_cdb
 from .sense import (
     BUS_DEVICE_RESET_FUNCTION_OCCURRED,
@@ -143,6 +144,11 @@ def _check_condition(e: CheckCondition) -> ScsiResult:
     return ScsiResult(_CC, e.to_bytes())
 
 
+def _replicated(blob: bytes) -> ScsiTask:
+    result = yield BlockRequest(BlockOp.STATE, data=blob)
+    return result  # type: ignore[no-any-return]
+
+
 class ScsiTarget:
     """A SCSI target device: the LUNs one iSCSI target exposes, keyed by LUN number."""
 
@@ -184,6 +190,34 @@ class ScsiTarget:
                 raise illegal(INVALID_COMMAND_OPERATION_CODE, 0)
             if lu is not None and lu.pr.active and lu.pr.conflicts(nexus, spec.pr, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
+            if lu is not None and lu.shared and cdb[0] in shared.SHARED_OPCODES:
+                return _replicated(shared.encode_command(cmd))
+            return spec.handler(self, lu, cmd)  # type: ignore[no-any-return]
+        except CheckCondition as e:
+            return _check_condition(e)
+
+    def apply_shared(self, lun: int, blob: bytes | bytearray | memoryview) -> ScsiResult:
+        """Apply a shared state change (``shared.decode``) to LU ``lun`` of this replica.
+
+        The reservation check runs again here, against this replica's state at this point of
+        the LUN's order: the check where the command arrived ran earlier and decides nothing.
+        """
+        lu = self.luns.get(lun)
+        if lu is None:
+            raise ValueError(f"shared state change for LUN {lun}, which is not here")
+        kind, nexus, cdb, data = shared.decode(blob)
+        if kind == shared.LU_RESET:
+            self.lun_reset(lun, nexus)
+            return ScsiResult(Status.GOOD)
+        spec = TABLE.get(cdb[0])
+        if type(spec) is dict:
+            spec = spec.get(cdb[1] & 0x1F) if len(cdb) > 1 else None
+        if spec is None:
+            raise ValueError(f"shared state change with CDB {cdb.hex()}")
+        try:
+            if lu.pr.active and lu.pr.conflicts(nexus, spec.pr, cdb):
+                return ScsiResult(Status.RESERVATION_CONFLICT)
+            cmd = ScsiCommand(cdb, lun, nexus, data, len(data))
             return spec.handler(self, lu, cmd)  # type: ignore[no-any-return]
         except CheckCondition as e:
             return _check_condition(e)
@@ -236,12 +270,17 @@ class ScsiTarget:
 
     # -- task management and nexus events -------------------------------------------------
     def lun_reset(self, lun: int, nexus: str) -> None:
-        """LOGICAL UNIT RESET (SAM-5 7.7): defaults restored, 29/03 for the other nexuses."""
+        """LOGICAL UNIT RESET (SAM-5 7.7): defaults restored, 29/03 for every nexus.
+
+        The issuing nexus gets the unit attention too: the reset changed state (mode pages,
+        reservations) that it may have set itself, possibly through another path; libiscsi's
+        MultipathIO.Reset checks it on every path.
+        """
         lu = self.luns.get(lun)
         if lu is not None:
             lu.reset_mode_pages()
             lu.pr.drop_legacy()  # SPC-2 reservations end with a reset; persistent ones stay
-            lu.raise_ua(BUS_DEVICE_RESET_FUNCTION_OCCURRED, exclude=nexus)
+            lu.raise_ua(BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def target_reset(self, nexus: str) -> None:
         """TARGET (WARM) RESET: a hard reset of every LU (SAM-5 6.3.2), 29/00 for the others."""

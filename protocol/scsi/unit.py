@@ -46,6 +46,9 @@ class LogicalUnit:
         # bytes, or None when nothing needs keeping any more.
         self.pr = PrState()
         self.on_pr_change: Callable[[bytes | None], None] | None = None
+        # Set by a daemon that mirrors the LU: reservation changes and resets are yielded as
+        # BlockOp.STATE requests for every replica to apply (protocol/scsi/shared.py).
+        self.shared = False
 
     # -- state the daemon reads and writes ------------------------------------------------
     @property

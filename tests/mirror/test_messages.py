@@ -41,6 +41,8 @@ def samples() -> list[m.Message]:
         m.CompareAndWrite(1, 2, 3, 4, 5, 1, block * 2, fua=True),
         m.Control(1, m.ControlKind.JOIN, 7, epoch=3, value=2**64 - 1, body=b"gens"),
         m.Control(1, m.ControlKind.SYNC_BEGIN, 8),
+        m.State(1, 2, 3, 4, b"record"),
+        m.Forward(1, 2, 9, BlockOp.STATE, data=b"record"),
         m.Generations(1, b"generation blob"),
         m.Generations(1, b""),
         m.ResyncRequest(1, 2, 3, 4),

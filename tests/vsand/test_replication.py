@@ -237,3 +237,49 @@ async def test_restart_after_crash_marks_activity_log_regions(tmp_path: Path) ->
     finally:
         await _close(a2)
         await _close(b2)
+
+
+def _pr_out(sa: int, rtype: int = 0) -> bytes:
+    return bytes([0x5F, sa, rtype, 0, 0, 0, 0, 0, 24, 0])
+
+
+async def test_reservation_taken_at_one_node_is_enforced_at_the_other(pair: Any) -> None:
+    from vsand.lun import run_scsi
+    from vsand.protocol.scsi.target import ScsiTarget
+    from vsand.protocol.scsi.types import ScsiCommand, Status
+    a, b, _ = pair
+    dev_a, dev_b = ScsiTarget({0: a.lun.unit}), ScsiTarget({0: b.lun.unit})
+    na, nb = "iqn.x:host-a,i,0x1,t,1", "iqn.x:host-b,i,0x2,t,2"
+    for dev, n in ((dev_a, na), (dev_b, nb)):
+        dev.attach(n)
+    key = (0xAB).to_bytes(8, "big")
+
+    async def run(dev: ScsiTarget, lun: Lun, nexus: str, cdb: bytes, data: bytes = b"") -> Any:
+        return await run_scsi(dev, ScsiCommand(cdb, 0, nexus, data, len(data)), {0: lun})
+
+    register = bytes(8) + key + bytes(8)
+    r = await run(dev_a, a.lun, na, _pr_out(0), register)
+    assert r.status == Status.GOOD, r
+    # WRITE EXCLUSIVE (type 1) held by host-a through node a.
+    r = await run(dev_a, a.lun, na, _pr_out(1, 1), key + bytes(16))
+    assert r.status == Status.GOOD, r
+    write10 = bytes([0x2A, 0, 0, 0, 0, 9, 0, 0, 1, 0])
+    r = await run(dev_b, b.lun, nb, write10, bytes(BS))
+    assert r.status == Status.RESERVATION_CONFLICT
+    r = await run(dev_a, a.lun, na, write10, bytes([1]) * BS)
+    assert r.status == Status.GOOD
+    assert a.lun.unit.pr.to_bytes() == b.lun.unit.pr.to_bytes()
+    assert _digest(a) == _digest(b)
+
+
+async def test_lu_reset_at_one_node_raises_the_unit_attention_at_both(pair: Any) -> None:
+    from vsand.protocol.scsi import shared
+    a, b, _ = pair
+    na, nb = "iqn.x:host-a,i,0x1,t,1", "iqn.x:host-b,i,0x2,t,2"
+    a.lun.unit.attach(na)
+    b.lun.unit.attach(nb)
+    b.lun.unit.attach("iqn.x:host-c,i,0x3,t,2")
+    await b.lun.execute_block(BlockRequest(BlockOp.STATE, data=shared.encode_lu_reset(nb)))
+    assert a.lun.unit.pop_ua(na) == (0x29, 0x03)
+    assert b.lun.unit.pop_ua("iqn.x:host-c,i,0x3,t,2") == (0x29, 0x03)
+    assert b.lun.unit.pop_ua(nb) == (0x29, 0x03)

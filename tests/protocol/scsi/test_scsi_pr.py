@@ -493,6 +493,7 @@ def test_legacy_reservation_ends_with_reset_and_nexus() -> None:
     t.lun_reset(0, B)
     t.target_reset(B)
     t.nexus_lost(A)
+    p.drain_ua(B)
     assert p.reservation(B) == (1, EX_AC)
 
 

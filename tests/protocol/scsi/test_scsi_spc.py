@@ -148,6 +148,7 @@ def test_resets_and_nexus_loss() -> None:
     assert sense(h.run(bytes(6), nexus="I2")) == (UA, 0x2A, 0x01)
     h.target.lun_reset(0, "I1")
     assert h.lu.write_cache is True  # defaults restored
+    assert sense(h.run(bytes(6), nexus="I1")) == (UA, 0x29, 0x03)
     assert sense(h.run(bytes(6), nexus="I1")) == GOOD
     assert sense(h.run(bytes(6), nexus="I2")) == (UA, 0x29, 0x03)
     h.target.target_reset("I2")
