@@ -4,6 +4,7 @@ Shared by ``tests/integration`` and ``bench/run.py``. Nothing here talks to anyt
 127.0.0.1, and every wait is bounded by a deadline.
 """
 
+from .cluster import VsandCluster
 from .procs import (
     DaemonError,
     LunSpec,
@@ -19,6 +20,7 @@ __all__ = [
     "LunSpec",
     "Target",
     "TgtTarget",
+    "VsandCluster",
     "VsandTarget",
     "free_port",
     "wait_port",

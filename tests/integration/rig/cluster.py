@@ -1,0 +1,152 @@
+"""Several vsand nodes of one cluster on this machine, each its own process.
+
+``VsandCluster`` starts one ``VsandTarget`` per node with a generated ``cluster`` section
+(replication on 127.0.0.1 unless ``hosts`` says otherwise, a shared secret file, one portal
+group per node), and reads each node's replication state over its admin socket.  Nodes are
+started, stopped, killed and restarted by name; every process is ended by its own PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .procs import DEFAULT_LUNS, HOST, LunSpec, VsandTarget, free_port
+
+IN_SYNC_DEADLINE_S = 60.0
+
+
+class VsandCluster:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        names: Sequence[str] = ("a", "b"),
+        luns: Sequence[LunSpec] = DEFAULT_LUNS[:1],
+        iqn: str = "iqn.2026-11.org.vsand:mirror",
+        peer_timeout: float = 3.0,
+        heartbeat_interval: float = 0.5,
+        startup_wait: float = 5.0,
+        hosts: dict[str, str] | None = None,
+        extra_config: dict[str, object] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.secret_path = self.workdir / "cluster.secret"
+        self.secret_path.write_text(secrets.token_hex(24) + "\n")
+        os.chmod(self.secret_path, 0o600)
+        hosts = hosts or {}
+        self.repl_ports = {n: free_port() for n in names}
+        nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"}
+                     for n in names]
+        self.nodes: dict[str, VsandTarget] = {}
+        for i, name in enumerate(names):
+            host = hosts.get(name, HOST)
+            port = free_port()
+            workdir_n = self.workdir / name
+            cfg: dict[str, object] = {
+                "portals": [{"listen": f"{host}:{port}", "group": i + 1}],
+                "admin_socket": str(workdir_n / "admin.sock"),
+                "cluster": {
+                    "id": "test",
+                    "secret_file": str(self.secret_path),
+                    "listen": f"{host}:{self.repl_ports[name]}",
+                    "nodes": nodes_cfg,
+                    "peer_timeout": peer_timeout,
+                    "heartbeat_interval": heartbeat_interval,
+                    "startup_wait": startup_wait,
+                },
+            }
+            cfg.update(extra_config or {})
+            self.nodes[name] = VsandTarget(workdir_n, iqn=iqn, luns=luns, port=port,
+                                           node_name=name, extra_config=cfg)
+
+    # --- processes --------------------------------------------------------------------
+    def start(self) -> "VsandCluster":
+        for node in self.nodes.values():
+            node.write_config()
+            node._spawn(node.argv())
+        for node in self.nodes.values():
+            node._await_ready()
+        return self
+
+    def stop(self) -> None:
+        errors = []
+        for node in self.nodes.values():
+            try:
+                node.stop()
+            except Exception as e:  # stop every node, then report
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "VsandCluster":
+        return self.start()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:  # the test failed: no clean-stop check, just end them
+            for node in self.nodes.values():
+                if node.running():
+                    node.kill()
+            return
+        self.stop()
+
+    # --- addressing -------------------------------------------------------------------
+    def url(self, name: str, number: int = 0) -> str:
+        return self.nodes[name].url(number)
+
+    def backing_path(self, name: str, number: int = 0) -> Path:
+        return self.nodes[name].backing_path(number)
+
+    # --- state ------------------------------------------------------------------------
+    def admin(self, name: str, cmd: str, **args: Any) -> Any:
+        path = str(self.nodes[name].workdir / "admin.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise RuntimeError(reply.get("error"))
+        return reply["result"]
+
+    def lun_states(self, name: str) -> list[dict[str, Any]]:
+        return list(self.admin(name, "cluster")["luns"].values())
+
+    def roles(self) -> dict[str, list[str]]:
+        out = {}
+        for name, node in self.nodes.items():
+            if node.running():
+                try:
+                    out[name] = [m["role"] for m in self.lun_states(name)]
+                except OSError:
+                    out[name] = ["?"]
+        return out
+
+    def wait_roles(self, want: dict[str, str], deadline_s: float = IN_SYNC_DEADLINE_S) -> None:
+        """Until every LUN of each named node has the wanted role."""
+        end = time.monotonic() + deadline_s
+        while True:
+            roles = self.roles()
+            if all(roles.get(n) and set(roles[n]) == {r} for n, r in want.items()):
+                return
+            if time.monotonic() > end:
+                raise AssertionError(f"roles {roles}, wanted {want} within {deadline_s:g} s; "
+                                     + "; ".join(f"{n}: {node.stderr_tail(15)}"
+                                                 for n, node in self.nodes.items()))
+            time.sleep(0.1)
+
+    def wait_in_sync(self, deadline_s: float = IN_SYNC_DEADLINE_S) -> None:
+        self.wait_roles({n: "in-sync" for n, node in self.nodes.items() if node.running()},
+                        deadline_s)
