@@ -138,10 +138,18 @@ class Lun:
             self.read_ns += dt
             self.read_hist[(dt >> 10).bit_length()] += 1
             return buf
-        if op is _WRITE:
+        if op is _WRITE and self.mirror is None:
+            return self.try_apply_write(req)
+        return NOT_DONE
+
+    def try_apply_write(self, req: BlockRequest) -> Any:
+        """A WRITE done here from the page cache (None), or NOT_DONE; raises OSError.  The
+        mirror calls it to apply an ordered write without a task when the cache takes it."""
+        if req.op is _WRITE:
             data = req.data
-            if data is None or req.fua or not self.unit.write_cache or self.mirror is not None:
+            if data is None or req.fua or not self.unit.write_cache:
                 return NOT_DONE
+            bs = self.block_size
             t0 = _now_ns()
             if not self.backend.try_write(req.lba * bs, data):
                 return NOT_DONE

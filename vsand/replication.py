@@ -53,11 +53,12 @@ import logging
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .backends.base import release_buffer
-from .lun import Lun
+from .lun import NOT_DONE, Lun
 from .mirror import messages as wire
 from .mirror.activity_log import (DEFAULT_REGION_SIZE as AL_REGION_SIZE, ActivityLog,
                                   ActivityLogFull, TxState, mark_regions)
@@ -339,9 +340,14 @@ class MirroredLun:
 
     # ------------------------------------------------------------------ engine plumbing
     def _run(self, engine: OrderingEngine, actions: list[Any]) -> None:
-        for action in actions:
+        todo = deque(actions)
+        while todo:
+            action = todo.popleft()
             kind = type(action)
             if kind is Apply:
+                if self._apply_now(action):
+                    todo.extend(engine.applied(action.seq))
+                    continue
                 self._applying += 1
                 self._idle.clear()
                 self._spawn(self._apply_sequenced(engine, action))
@@ -351,6 +357,32 @@ class MirroredLun:
                 local = self._locals.pop(action.req, None)
                 if local is not None and not local.done.done():
                     local.done.set_result(None)
+
+    def _apply_now(self, action: Apply) -> bool:
+        """Apply a plain WRITE without a task when the activity log already holds its regions
+        and the page cache takes it at once (the common case); False: use the async path."""
+        data = action.data
+        local = data if type(data) is _Local else None
+        req = local.req if local is not None else data
+        if req.op is not BlockOp.WRITE:
+            return False
+        al = self.al
+        assert al is not None
+        off, length = self._bytes(req)
+        if not al.covers(off, length):
+            return False
+        al.begin_write(off, length)  # covered: no transaction; keeps the regions recent
+        try:
+            done = self.lun.try_apply_write(req)
+        except OSError:
+            return False  # the async path reports it
+        finally:
+            al.end_write(off, length)
+        if done is NOT_DONE:
+            return False
+        if local is not None:
+            local.result = None
+        return True
 
     async def _apply_sequenced(self, engine: OrderingEngine, action: Apply) -> None:
         data = action.data
