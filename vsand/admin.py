@@ -89,11 +89,12 @@ class AdminServer:
         if cmd == "reload":
             return None  # asynchronous: see _client
         handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
-                   "alua": self.alua, "cluster": self.cluster}.get(cmd)
+                   "alua": self.alua, "cluster": self.cluster,
+                   "resolve": self.resolve}.get(cmd)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} "
                                           "(known: status, sessions, luns, alua, cluster, "
-                                          "reload)"}
+                                          "resolve, reload)"}
         try:
             return {"ok": True, "result": handler(**req.get("args", {}))}
         except (TypeError, ValueError, KeyError) as e:
@@ -144,6 +145,13 @@ class AdminServer:
         """Peers and the replication state of every mirrored LUN ({} when not clustered)."""
         c = self.daemon.cluster
         return c.status() if c is not None else {}
+
+    def resolve(self, lun: str = "") -> dict[str, Any]:
+        """Keep this node's data of a mirrored LUN whose replicas diverged."""
+        c = self.daemon.cluster
+        if c is None:
+            raise ValueError("this node is not part of a cluster")
+        return c.resolve(lun)  # type: ignore[no-any-return]
 
     def sessions(self) -> list[dict[str, Any]]:
         reg = self.daemon.registry

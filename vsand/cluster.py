@@ -114,6 +114,16 @@ class Cluster:
         for m in self.luns.values():
             m.peer_lost(peer)
 
+    def resolve(self, lun: str) -> dict[str, Any]:
+        """``vsanctl resolve``: this node's data of LUN ``lun`` (its serial) survives."""
+        for m in self.luns.values():
+            if lun in (m.lun.unit.params.serial, m.label):
+                endpoint = self.endpoint
+                linked = [p for p in m.peers if endpoint is not None and p in endpoint.links]
+                m.choose_survivor(linked)
+                return {"lun": m.label, "full_resync_to": linked}
+        raise KeyError(f"no mirrored LUN with serial {lun!r}")
+
     def status(self) -> dict[str, Any]:
         endpoint = self.endpoint
         links = {}

@@ -53,10 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("state", nargs="?", default="",
                    help="active-optimized, active-non-optimized, standby, unavailable, "
                         "transitioning")
+    r = sub.add_parser("resolve", help="after a split brain: keep THIS node's data of a "
+                       "mirrored LUN; the other node's diverged writes are discarded")
+    r.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
+    r.add_argument("--discard-peer-data", action="store_true",
+                   help="required: confirms that the peer's diverged writes are discarded")
     args = parser.parse_args(argv)
     extra: dict[str, Any] = {}
     if args.command == "alua":
         extra = {"target": args.target, "lun": args.lun, "state": args.state}
+    elif args.command == "resolve":
+        if not args.discard_peer_data:
+            print("vsanctl: resolve discards the peer's writes since the split; add "
+                  "--discard-peer-data to confirm", file=sys.stderr)
+            return 2
+        extra = {"lun": args.lun}
     try:
         result = request(args.socket, args.command, **extra)
     except (OSError, RuntimeError, ValueError) as e:
@@ -78,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(result, ["target", "lun", "state", "port_group"]))
     elif args.command == "cluster":
         print(_cluster_text(result))
+    elif args.command == "resolve":
+        peers = ", ".join(result["full_resync_to"]) or "the peer, when it connects"
+        print(f"{result['lun']}: this node's data survives; full resync to {peers}")
     else:
         print(_table(result, ["target", "lun", "path", "blocks", "block_size", "read_only",
                               "read_ops", "write_ops"]))

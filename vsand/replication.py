@@ -63,7 +63,7 @@ from .mirror import messages as wire
 from .mirror.activity_log import (DEFAULT_REGION_SIZE as AL_REGION_SIZE, ActivityLog,
                                   ActivityLogFull, TxState, mark_regions)
 from .mirror.bitmap import DirtyBitmap
-from .mirror.generations import Generations, Outcome, SyncKind, decide
+from .mirror.generations import Decision, Generations, Outcome, SyncKind, decide
 from .mirror.metastore import MetaStore
 from .mirror.ordering import Ack, Apply, Complete, Forward, OrderingEngine, Repl, Send
 from .mirror.ratelimit import TokenBucket
@@ -79,6 +79,7 @@ BITMAP_FLUSH_INTERVAL = 1.0
 RESYNC_CHUNK = 1 << 20
 RESYNC_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
+_FRESH, _SURVIVOR = 0x1, 0x2  # CONTROL STATE value flags
 
 
 class Role(enum.Enum):
@@ -91,6 +92,8 @@ class Role(enum.Enum):
 
 
 _SERVING = frozenset((Role.DEGRADED, Role.SYNC_SOURCE, Role.IN_SYNC))
+# Decisions only an operator can settle (``vsanctl resolve``).
+_UNDECIDED = frozenset((Outcome.SPLIT_BRAIN, Outcome.UNRELATED, Outcome.NO_SOURCE))
 _SEQUENCED = (wire.Write, wire.WriteSame, wire.Unmap, wire.Flush, wire.CompareAndWrite,
               wire.State)
 # Requests that order against the whole LUN but change no block: no activity log, no bitmap.
@@ -185,6 +188,7 @@ class MirroredLun:
         self.al: ActivityLog | None = None
         self.plan: ResyncPlan | None = None
         self.peer_roles: dict[str, str] = {}
+        self.survivor = False  # an operator chose this replica's data over diverged peers
         self.resync_bytes = 0  # copied as source, for the status and the tests
         self.last_decision = ""
         self._req_base = (self.index[node] + 1) << REQ_SHIFT
@@ -514,6 +518,8 @@ class MirroredLun:
             self._peer_state[peer] = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
             if peer in self._state_sent:
                 self._spawn(self._decide(peer))
+            else:  # the peer asks again (an operator's choice there): answer with ours
+                self._spawn(self._exchange_state(peer))
         elif kind is wire.ControlKind.SYNC_BEGIN:
             self._spawn(self._sync_begin(peer, msg))
         elif kind is wire.ControlKind.JOIN:
@@ -537,14 +543,30 @@ class MirroredLun:
         elif self.role in (Role.IN_SYNC, Role.SYNC_SOURCE):
             self._spawn(self._become_degraded([peer], f"node {peer} lost"))
 
+    def choose_survivor(self, peers: list[str]) -> None:
+        """An operator's decision: this replica's data wins over diverged or unrelated data
+        at ``peers`` (the nodes linked now), which get a full resync from here."""
+        if self.role not in (Role.SPLIT_BRAIN, Role.CONNECTING, Role.DEGRADED):
+            raise ValueError(f"{self.label} is {self.role.value}: nothing to decide")
+        if self.gens.inconsistent:
+            raise ValueError(f"{self.label} holds a partial resync here; it cannot survive")
+        self.survivor = True
+        log.warning("%s: operator's choice: this node's data survives; %s get a full resync",
+                    self.label, ", ".join(peers) or "peers (when they connect)")
+        for peer in peers:
+            self.link_up(peer)
+
     async def _exchange_state(self, peer: str) -> None:
+        if peer in self._state_sent:
+            return  # an exchange with this peer is under way
+        self._state_sent.add(peer)
         await self._pause()
         try:
             body = self.gens.to_bytes()
             state = _STATE.pack(len(body)) + body + self.bitmaps[peer].to_bytes()
-            self._state_sent.add(peer)
+            flags = (_FRESH if self.fresh else 0) | (_SURVIVOR if self.survivor else 0)
             if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, 0,
-                                                self.epoch, int(self.fresh), state)):
+                                                self.epoch, flags, state)):
                 self._state_sent.discard(peer)
                 self._unpause()
                 return
@@ -559,11 +581,16 @@ class MirroredLun:
         state = self._peer_state.pop(peer, None)
         if state is None:
             return
-        peer_epoch, peer_fresh, peer_gens, peer_bitmap = state
+        self._state_sent.discard(peer)  # the next exchange (an operator's choice) may start
+        peer_epoch, flags, peer_gens, peer_bitmap = state
+        peer_fresh, peer_survivor = bool(flags & _FRESH), bool(flags & _SURVIVOR)
         try:
             d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
             outcome = d.outcome
-            if outcome is Outcome.NO_SOURCE and self.fresh and peer_fresh:
+            if outcome in _UNDECIDED and self.survivor != peer_survivor:
+                outcome = Outcome.LOCAL_IS_SOURCE if self.survivor else Outcome.PEER_IS_SOURCE
+                d = Decision(outcome, SyncKind.FULL, "operator's choice")
+            elif outcome is Outcome.NO_SOURCE and self.fresh and peer_fresh:
                 # Two never-written sparse files hold the same zeroes: one generation for both,
                 # derived from what both know, so that neither needs to tell the other.
                 seed = hashlib.sha256(f"{self.cluster_id}/{self.lun.unit.params.serial}"
@@ -757,6 +784,7 @@ class MirroredLun:
                     self._spawn(self._rejoin(peer))
                 return True
             self.gens = after
+            self.survivor = False
             await self._persist_gens()
             self.bitmaps[peer].clear_all()
             await self._flush_bitmaps()

@@ -125,6 +125,8 @@ def _write(lba: int, blocks: int, fill: int) -> BlockRequest:
 async def test_fresh_pair_goes_in_sync_and_mirrors_every_op(pair: Any) -> None:
     a, b, _ = pair
     assert a.gens.current == b.gens.current != 0
+    with pytest.raises(ValueError):
+        a.choose_survivor(["b"])  # nothing to decide while in sync
     assert a.engine.sequencer == b.engine.sequencer == "a"
     await a.lun.execute_block(_write(0, 8, 1))
     await b.lun.execute_block(_write(100, 8, 2))
@@ -192,6 +194,12 @@ async def test_both_write_while_apart_is_split_brain(pair: Any) -> None:
     wire.connect()
     await _until(lambda: a.role is Role.SPLIT_BRAIN and b.role is Role.SPLIT_BRAIN)
     assert "split-brain" in a.last_decision
+    # Both keep serving what they had; an operator picks b's data.
+    b.choose_survivor(["a"])
+    await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+    assert _digest(a) == _digest(b)
+    assert bytes(await a.lun.apply_block(BlockRequest(BlockOp.READ, 0, 1))) == bytes([2]) * BS
+    assert b.resync_bytes == SIZE
 
 
 async def test_not_serving_node_refuses_writes(tmp_path: Path) -> None:
