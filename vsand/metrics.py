@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
                                    HistogramMetricFamily)
@@ -81,19 +81,76 @@ class VsandCollector(Collector):
                 size.add_metric(lv, lun.unit.params.blocks * lun.unit.params.block_size)
                 for op, hist, total in (("read", lun.read_hist, lun.read_ns),
                                         ("write", lun.write_hist, lun.write_ns)):
-                    counts = list(hist)
-                    buckets, acc = [], 0
-                    for bound, count in zip(_BOUNDS[:-1], counts):
-                        acc += count
-                        buckets.append((bound, acc))
-                    buckets.append(("+Inf", sum(counts)))
-                    latency.add_metric(lv + [op], buckets, total / 1e9)
+                    latency.add_metric(lv + [op], _buckets(list(hist)), total / 1e9)
         yield ops
         yield nbytes
         yield secs
         yield errors
         yield size
         yield latency
+        if d.cluster is not None:
+            yield from _cluster_metrics(d.cluster.status(), d.cluster.luns.values())
+
+
+_ROLES = ("connecting", "degraded", "sync-source", "sync-target", "in-sync", "split-brain")
+
+
+def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator[Any]:
+    peer_up = GaugeMetricFamily("vsand_peer_up", "peer link up (1) or down (0)",
+                                labels=["peer"])
+    rtt = GaugeMetricFamily("vsand_peer_rtt_seconds", "smoothed peer link round trip",
+                            labels=["peer"])
+    for name, p in status["peers"].items():
+        peer_up.add_metric([name], 1 if p["state"] == "up" else 0)
+        if p["rtt_ms"] is not None:
+            rtt.add_metric([name], p["rtt_ms"] / 1e3)
+    yield peer_up
+    yield rtt
+    role = GaugeMetricFamily("vsand_mirror_state", "replication role of this replica (1 for "
+                             "the current one)", labels=["lun", "state"])
+    replicas = GaugeMetricFamily("vsand_mirror_in_sync_replicas", "replicas a write reaches "
+                                 "before it is acknowledged", labels=["lun"])
+    dirty = GaugeMetricFamily("vsand_mirror_dirty_bytes", "bytes a peer lacks (dirty bitmap)",
+                              labels=["lun", "peer"])
+    resync = CounterMetricFamily("vsand_mirror_resync_bytes", "bytes copied to peers by "
+                                 "resync", labels=["lun"])
+    remaining = GaugeMetricFamily("vsand_mirror_resync_remaining_bytes", "bytes the running "
+                                  "resync still has to copy", labels=["lun"])
+    epoch = GaugeMetricFamily("vsand_mirror_epoch", "replication epoch", labels=["lun"])
+    inflight = GaugeMetricFamily("vsand_mirror_in_flight", "replicated requests in flight",
+                                 labels=["lun"])
+    ops = CounterMetricFamily("vsand_mirror_ops", "data-changing requests completed on every "
+                              "in-sync replica", labels=["lun"])
+    errs = CounterMetricFamily("vsand_mirror_errors", "data-changing requests failed",
+                               labels=["lun"])
+    latency = HistogramMetricFamily("vsand_mirror_latency_seconds", "data-changing request "
+                                    "latency until every in-sync replica applied it",
+                                    labels=["lun"])
+    for m in mirrors:
+        st = m.status()
+        label = m.lun.unit.params.serial
+        for r in _ROLES:
+            role.add_metric([label, r], 1 if st["role"] == r else 0)
+        replicas.add_metric([label], len(st["in_sync"]))
+        for peer, n in st["dirty_bytes"].items():
+            dirty.add_metric([label, peer], n)
+        resync.add_metric([label], st["resync_bytes"])
+        remaining.add_metric([label], st["resync_remaining_bytes"])
+        epoch.add_metric([label], st["epoch"])
+        inflight.add_metric([label], st["in_flight"])
+        ops.add_metric([label], m.ops)
+        errs.add_metric([label], m.errors)
+        latency.add_metric([label], _buckets(m.hist), m.ns / 1e9)
+    yield from (role, replicas, dirty, resync, remaining, epoch, inflight, ops, errs, latency)
+
+
+def _buckets(hist: list[int]) -> list[tuple[str, int]]:
+    out, acc = [], 0
+    for bound, count in zip(_BOUNDS[:-1], hist):
+        acc += count
+        out.append((bound, acc))
+    out.append(("+Inf", sum(hist)))
+    return out
 
 
 def start_metrics(daemon: Daemon, listen: str) -> None:

@@ -187,9 +187,16 @@ class MirroredLun:
         self.bitmaps: dict[str, DirtyBitmap] = {}
         self.al: ActivityLog | None = None
         self.plan: ResyncPlan | None = None
+        self.plan_peer = ""
         self.peer_roles: dict[str, str] = {}
         self.survivor = False  # an operator chose this replica's data over diverged peers
         self.resync_bytes = 0  # copied as source, for the status and the tests
+        # Requests through submit (data-changing, on every in-sync replica): plain ints for
+        # the metrics collector; histogram bucket i counts requests under 2**i * 1024 ns.
+        self.ops = 0
+        self.ns = 0
+        self.errors = 0
+        self.hist = [0] * 64
         self.last_decision = ""
         self._req_base = (self.index[node] + 1) << REQ_SHIFT
         self._next_req = 1
@@ -197,7 +204,9 @@ class MirroredLun:
         self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
         self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
         self._peer_state: dict[str, tuple[int, int, Generations, bytes]] = {}
-        self._state_sent: set[str] = set()
+        self._exchanging: set[str] = set()  # peers with an exchange of states under way
+        self._sent: set[str] = set()  # ... of which this node's state has been sent
+        self._linked: set[str] = set()  # peers whose link's first exchange has started
         self._paused = False
         self._resume: asyncio.Event = asyncio.Event()
         self._resume.set()
@@ -281,6 +290,7 @@ class MirroredLun:
             raise OSError(errno.ENOLINK, f"{self.label} is {self.role.value} on this node")
         self._inflight += 1
         self._idle.clear()
+        t0 = time.perf_counter_ns()
         try:
             engine = self.engine
             if engine is None:
@@ -296,7 +306,14 @@ class MirroredLun:
             if local.error is not None:
                 raise local.error
             return local.result
+        except BaseException:
+            self.errors += 1
+            raise
         finally:
+            dt = time.perf_counter_ns() - t0
+            self.ops += 1
+            self.ns += dt
+            self.hist[(dt >> 10).bit_length()] += 1
             self._inflight -= 1
             if not self._inflight and not self._applying:
                 self._idle.set()
@@ -516,10 +533,13 @@ class MirroredLun:
             except ValueError as e:
                 raise wire.PeerProtocolError(f"CONTROL STATE generations: {e}") from None
             self._peer_state[peer] = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
-            if peer in self._state_sent:
+            if peer in self._sent:
                 self._spawn(self._decide(peer))
-            else:  # the peer asks again (an operator's choice there): answer with ours
-                self._spawn(self._exchange_state(peer))
+            else:
+                # The peer started this exchange (its link came up first, or an operator chose
+                # there); ours, once sent, decides.
+                self._linked.add(peer)
+                self._start_exchange(peer)
         elif kind is wire.ControlKind.SYNC_BEGIN:
             self._spawn(self._sync_begin(peer, msg))
         elif kind is wire.ControlKind.JOIN:
@@ -527,12 +547,18 @@ class MirroredLun:
 
     # ------------------------------------------------------------------ links
     def link_up(self, peer: str) -> None:
-        self._spawn(self._exchange_state(peer))
+        # The peer's STATE may have come first and been answered already: one exchange per
+        # link (an operator's choice starts another through choose_survivor).
+        if peer not in self._linked:
+            self._linked.add(peer)
+            self._start_exchange(peer)
 
     def peer_lost(self, peer: str) -> None:
-        if peer in self._state_sent and not self._peer_state.get(peer):
-            self._unpause()  # the exchange this link started will not finish
-        self._state_sent.discard(peer)
+        if peer in self._sent:
+            self._unpause()  # the exchange holding requests back will not finish
+        self._exchanging.discard(peer)
+        self._sent.discard(peer)
+        self._linked.discard(peer)
         self._peer_state.pop(peer, None)
         self.peer_roles.pop(peer, None)
         for rid, fut in list(self._replies.items()):
@@ -554,12 +580,16 @@ class MirroredLun:
         log.warning("%s: operator's choice: this node's data survives; %s get a full resync",
                     self.label, ", ".join(peers) or "peers (when they connect)")
         for peer in peers:
-            self.link_up(peer)
+            self._start_exchange(peer)
+
+    def _start_exchange(self, peer: str) -> None:
+        """One exchange of states with ``peer`` at a time: each side sends its state once and
+        decides once, whoever started."""
+        if peer not in self._exchanging:
+            self._exchanging.add(peer)
+            self._spawn(self._exchange_state(peer))
 
     async def _exchange_state(self, peer: str) -> None:
-        if peer in self._state_sent:
-            return  # an exchange with this peer is under way
-        self._state_sent.add(peer)
         await self._pause()
         try:
             body = self.gens.to_bytes()
@@ -567,12 +597,15 @@ class MirroredLun:
             flags = (_FRESH if self.fresh else 0) | (_SURVIVOR if self.survivor else 0)
             if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, 0,
                                                 self.epoch, flags, state)):
-                self._state_sent.discard(peer)
+                self._exchanging.discard(peer)
                 self._unpause()
                 return
+            self._sent.add(peer)
             if peer in self._peer_state:
                 await self._decide(peer)
         except BaseException:
+            self._exchanging.discard(peer)
+            self._sent.discard(peer)
             self._unpause()
             raise
 
@@ -581,7 +614,6 @@ class MirroredLun:
         state = self._peer_state.pop(peer, None)
         if state is None:
             return
-        self._state_sent.discard(peer)  # the next exchange (an operator's choice) may start
         peer_epoch, flags, peer_gens, peer_bitmap = state
         peer_fresh, peer_survivor = bool(flags & _FRESH), bool(flags & _SURVIVOR)
         try:
@@ -616,6 +648,9 @@ class MirroredLun:
                 if self.role is not Role.SPLIT_BRAIN:
                     self.role = Role.SPLIT_BRAIN
         finally:
+            # The next exchange (an operator's choice) may start.
+            self._exchanging.discard(peer)
+            self._sent.discard(peer)
             self._unpause()
 
     def _start_epoch(self, epoch: int, peer: str) -> None:
@@ -710,6 +745,7 @@ class MirroredLun:
         bs = self.lun.block_size
         plan = self.plan = ResyncPlan(bm, block_size=bs, chunk_bytes=RESYNC_CHUNK,
                                       max_in_flight=RESYNC_IN_FLIGHT)
+        self.plan_peer = peer
         bucket = TokenBucket(self.resync_rate, self.resync_rate) if self.resync_rate else None
         loop = asyncio.get_running_loop()
         running: set[asyncio.Task[None]] = set()
@@ -794,7 +830,7 @@ class MirroredLun:
 
     async def _rejoin(self, peer: str) -> None:
         await self._become_degraded([peer], f"node {peer} did not join")
-        self.link_up(peer)
+        self._start_exchange(peer)
 
     async def _sync_begin(self, peer: str, msg: wire.Control) -> None:
         status = 0
@@ -965,5 +1001,8 @@ class MirroredLun:
             "in_sync": sorted(self.engine.in_sync) if self.engine else [self.node],
             "dirty_bytes": {p: bm.dirty_bytes for p, bm in self.bitmaps.items()},
             "resync_bytes": self.resync_bytes,
+            "resync_remaining_bytes": self.bitmaps[self.plan_peer].dirty_bytes
+            if self.plan is not None and self.plan_peer else 0,
             "last_decision": self.last_decision,
+            "in_flight": self._inflight,
         }

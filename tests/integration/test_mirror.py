@@ -31,10 +31,23 @@ def _cluster(tmp_path: Path, **kw: object) -> VsandCluster:
     return VsandCluster(tmp_path, luns=(LUN,), **kw)  # type: ignore[arg-type]
 
 
+def _metrics(port: int) -> dict[str, float]:
+    """Sample name with labels (as exposed) -> value."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def test_multipath_conformance_through_both_nodes(tmp_path: Path) -> None:
     """libiscsi's MultipathIO suite with one URL per node: writes, LU reset unit attentions
-    and COMPARE AND WRITE races across paths."""
-    with _cluster(tmp_path) as c:
+    and COMPARE AND WRITE races across paths; each node's metrics show the mirror."""
+    with _cluster(tmp_path, metrics=True) as c:
         c.wait_in_sync()
         out = subprocess.run(
             ["iscsi-test-cu", "--dataloss", "--test=ALL.MultipathIO",
@@ -44,6 +57,15 @@ def test_multipath_conformance_through_both_nodes(tmp_path: Path) -> None:
         assert "matching lu device identifier for all (2) paths" in text.lower(), text[-3000:]
         summary = [line for line in text.splitlines() if line.strip().startswith("tests")]
         assert summary and summary[0].split()[1:5] == ["4", "4", "4", "0"], text[-3000:]
+        serial = c.admin("a", "luns")[0]["serial"]
+        for name, peer in (("a", "b"), ("b", "a")):
+            m = _metrics(c.metrics_ports[name])
+            assert m[f'vsand_mirror_state{{lun="{serial}",state="in-sync"}}'] == 1
+            assert m[f'vsand_mirror_in_sync_replicas{{lun="{serial}"}}'] == 2
+            assert m[f'vsand_peer_up{{peer="{peer}"}}'] == 1
+        # Requests of the suite arrived at both nodes, each acknowledged by both replicas.
+        assert all(_metrics(c.metrics_ports[n])[f'vsand_mirror_ops_total{{lun="{serial}"}}'] > 0
+                   for n in ("a", "b"))
     _identical(c)
 
 

@@ -291,3 +291,28 @@ async def test_lu_reset_at_one_node_raises_the_unit_attention_at_both(pair: Any)
     assert a.lun.unit.pop_ua(na) == (0x29, 0x03)
     assert b.lun.unit.pop_ua("iqn.x:host-c,i,0x3,t,2") == (0x29, 0x03)
     assert b.lun.unit.pop_ua(nb) == (0x29, 0x03)
+
+
+@pytest.mark.parametrize("late", [0.0, 0.05])
+async def test_one_exchange_whoever_starts_it(tmp_path: Path, late: float) -> None:
+    """b learns of the link after a's state arrived (or while it is being answered): each
+    side still sends its state once and both reach the same decision."""
+    wire = Wire()
+    a = await _node(tmp_path, "a", wire)
+    b = await _node(tmp_path, "b", wire)
+    sent: list[str] = []
+    send_a, send_b = a.send, b.send
+    a.send = lambda p, m: (sent.append("a:" + m.TYPE.name), send_a(p, m))[1]  # type: ignore
+    b.send = lambda p, m: (sent.append("b:" + m.TYPE.name), send_b(p, m))[1]  # type: ignore
+    try:
+        wire.up = True
+        a.link_up("b")
+        await asyncio.sleep(late)
+        b.link_up("a")
+        await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+        await asyncio.sleep(0.05)
+        assert sent.count("a:CONTROL") == 1 and sent.count("b:CONTROL") == 1, sent
+        assert a.gens.current == b.gens.current and a.epoch == b.epoch
+    finally:
+        await _close(a)
+        await _close(b)

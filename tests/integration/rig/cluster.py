@@ -4,6 +4,8 @@
 (replication on 127.0.0.1 unless ``hosts`` says otherwise, a shared secret file, one portal
 group per node), and reads each node's replication state over its admin socket.  Nodes are
 started, stopped, killed and restarted by name; every process is ended by its own PID.
+``target_factory`` builds each node (``VsandTarget``'s arguments; default ``VsandTarget``),
+e.g. ``NetnsPair.vsand_target`` to run each node in its own network namespace.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +37,8 @@ class VsandCluster:
         startup_wait: float = 5.0,
         hosts: dict[str, str] | None = None,
         extra_config: dict[str, object] | None = None,
+        target_factory: Callable[..., VsandTarget] = VsandTarget,
+        metrics: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +50,7 @@ class VsandCluster:
         nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"}
                      for n in names]
         self.nodes: dict[str, VsandTarget] = {}
+        self.metrics_ports = {n: free_port() for n in names} if metrics else {}
         for i, name in enumerate(names):
             host = hosts.get(name, HOST)
             port = free_port()
@@ -62,9 +68,11 @@ class VsandCluster:
                     "startup_wait": startup_wait,
                 },
             }
+            if metrics:
+                cfg["metrics"] = {"listen": f"{HOST}:{self.metrics_ports[name]}"}
             cfg.update(extra_config or {})
-            self.nodes[name] = VsandTarget(workdir_n, iqn=iqn, luns=luns, port=port,
-                                           node_name=name, extra_config=cfg)
+            self.nodes[name] = target_factory(workdir_n, iqn=iqn, luns=luns, port=port,
+                                              node_name=name, extra_config=cfg)
 
     # --- processes --------------------------------------------------------------------
     def start(self) -> "VsandCluster":
