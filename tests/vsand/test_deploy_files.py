@@ -53,7 +53,16 @@ def _fake_daemon() -> Any:
     registry = SimpleNamespace(targets={target.name: target}, connections=[object()],
                                sessions=[SimpleNamespace(target_name=target.name),
                                          SimpleNamespace(target_name="")])
-    return SimpleNamespace(config=SimpleNamespace(node_name="node-a"), registry=registry)
+    mirror = SimpleNamespace(
+        lun=lun, ops=3, errors=0, ns=3000, hist=[0, 3] + [0] * 62,
+        status=lambda: {"role": "in-sync", "in_sync": ["node-a", "node-b"],
+                        "dirty_bytes": {"node-b": 0}, "resync_bytes": 0,
+                        "resync_remaining_bytes": 0, "epoch": 2, "in_flight": 0})
+    cluster = SimpleNamespace(
+        luns={1: mirror},
+        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2}}})
+    return SimpleNamespace(config=SimpleNamespace(node_name="node-a"), registry=registry,
+                           cluster=cluster)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,8 @@ def exported() -> set[str]:
     GCCollector(registry=reg)
     names = {s.name for family in reg.collect() for s in family.samples}
     assert {"vsand_info", "vsand_iscsi_sessions", "vsand_lun_ops_total",
-            "vsand_lun_busy_seconds_total", "vsand_lun_errors_total"} <= names
+            "vsand_lun_busy_seconds_total", "vsand_lun_errors_total", "vsand_mirror_state",
+            "vsand_mirror_dirty_bytes", "vsand_peer_up"} <= names
     return names | PROMETHEUS_OWN
 
 
@@ -142,6 +152,7 @@ def test_promtool_check_rules(path: Path) -> None:
 J, I = 'job="vsand"', 'instance="n1:9470"'
 T = 'target="iqn.2026-11.org.example:db"'
 L = f'{T}, lun="0"'
+M = 'lun="S1"'
 PROMTOOL_CASES: list[dict[str, Any]] = [{
     "interval": "1m",
     "input_series": [
@@ -222,6 +233,46 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
                                         "target": "iqn.2026-11.org.example:db", "lun": "0",
                                         "op": "read", "severity": "warning"}}]},
+    ],
+}, {
+    "interval": "1m",
+    "input_series": [
+        {"series": f'vsand_peer_up{{{J}, {I}, peer="n2"}}', "values": "1 0x10"},
+        # in sync, degraded from minute 1, then a resync that stops moving at minute 20
+        {"series": f'vsand_mirror_state{{{J}, {I}, {M}, state="degraded"}}',
+         "values": "0 1x10 0x40"},
+        {"series": f'vsand_mirror_state{{{J}, {I}, {M}, state="split-brain"}}',
+         "values": "0x3 1x3"},
+        {"series": f'vsand_mirror_state{{{J}, {I}, {M}, state="connecting"}}',
+         "values": "1x10"},
+        {"series": f'vsand_mirror_resync_remaining_bytes{{{J}, {I}, {M}}}',
+         "values": "0x11 1000x40"},
+        {"series": f'vsand_mirror_resync_bytes_total{{{J}, {I}, {M}}}',
+         "values": "0x11 0+100x9 900x40"},
+    ],
+    "alert_rule_test": [
+        {"eval_time": "1m", "alertname": "VsandPeerDown", "exp_alerts": []},
+        {"eval_time": "3m", "alertname": "VsandPeerDown",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "peer": "n2",
+                                        "severity": "critical"}}]},
+        {"eval_time": "2m", "alertname": "VsandMirrorDegraded", "exp_alerts": []},
+        {"eval_time": "4m", "alertname": "VsandMirrorDegraded",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
+                                        "lun": "S1", "state": "degraded",
+                                        "severity": "warning"}}]},
+        {"eval_time": "4m", "alertname": "VsandMirrorSplitBrain",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
+                                        "lun": "S1", "state": "split-brain",
+                                        "severity": "critical"}}]},
+        {"eval_time": "4m", "alertname": "VsandMirrorNotServing", "exp_alerts": []},
+        {"eval_time": "7m", "alertname": "VsandMirrorNotServing",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
+                                        "lun": "S1", "state": "connecting",
+                                        "severity": "warning"}}]},
+        {"eval_time": "25m", "alertname": "VsandResyncStuck", "exp_alerts": []},
+        {"eval_time": "45m", "alertname": "VsandResyncStuck",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
+                                        "lun": "S1", "severity": "warning"}}]},
     ],
 }]
 
