@@ -366,7 +366,7 @@ class Ack(_Base):
 
 # FORWARD carries the request as the frontend made it; what its payload holds depends on op.
 _FORWARD_OPS = frozenset({BlockOp.WRITE, BlockOp.WRITE_SAME, BlockOp.UNMAP, BlockOp.FLUSH,
-                          BlockOp.COMPARE_AND_WRITE, BlockOp.STATE})
+                          BlockOp.COMPARE_AND_WRITE, BlockOp.STATE, BlockOp.VERIFY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,13 +417,17 @@ class Forward(_Base):
             if self.lba or self.blocks or self.fua or not n:
                 return "FORWARD STATE with an address or FUA, or without a record"
             return None
+        if op == BlockOp.VERIFY:
+            if not self.blocks or n or self.fua:
+                return "FORWARD VERIFY without blocks, or with data or FUA"
+            return None
         # UNMAP and FLUSH address nothing through lba/blocks and carry no data.
         if self.lba or self.blocks or n or self.fua:
             return f"FORWARD {op.name} with an address, data or FUA"
         return "UNMAP without ranges" if op == BlockOp.UNMAP and not self.ranges else None
 
     def to_request(self) -> BlockRequest:
-        data = None if self.op in (BlockOp.UNMAP, BlockOp.FLUSH) else self.data
+        data = None if self.op in (BlockOp.UNMAP, BlockOp.FLUSH, BlockOp.VERIFY) else self.data
         return BlockRequest(self.op, self.lba, self.blocks, data, self.fua, self.ranges,
                             self.unmap)
 
@@ -585,19 +589,23 @@ class ResyncData(_Base):
 
 @dataclass(frozen=True, slots=True)
 class VerifyRequest(_Base):
+    """Sequenced like a write over the region: every replica checksums it at that point of
+    the order and answers VERIFY_RESULT to the request's origin before its ACK."""
     lun: int
     request_id: int
     seq: int  # checksum the region as of this point in the LUN's write order
     lba: int
     blocks: int
+    epoch: int = 0
     TYPE: ClassVar[MsgType] = MsgType.VERIFY_REQUEST
 
     def _pack(self) -> tuple[Fields, Buffer]:
-        return (0, self.lun, self.blocks, 0, 0, self.seq, self.request_id, self.lba, 0), b""
+        return ((0, self.lun, self.blocks, self.epoch, 0, self.seq, self.request_id, self.lba,
+                 0), b"")
 
     @classmethod
     def _unpack(cls, f: Fields, payload: memoryview) -> VerifyRequest:
-        return cls(f[1], f[6], f[5], f[7], f[2])
+        return cls(f[1], f[6], f[5], f[7], f[2], f[3])
 
     def _problem(self) -> str | None:
         return None if self.blocks >= 1 else "VERIFY_REQUEST of no blocks"

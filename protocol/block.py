@@ -23,6 +23,9 @@ class BlockOp(enum.IntEnum):
     # A change of the logical unit's shared state (protocol.scsi.shared): ``data`` is the
     # encoded change; every replica applies it in the LUN's order.
     STATE = 9
+    # Mirror-internal, never from a frontend: checksum [lba, lba+blocks) on every replica at
+    # this point of the LUN's order (the online verify).
+    VERIFY = 10
 
 
 @dataclass(slots=True)
@@ -61,6 +64,7 @@ class Extent:
 #                         byte offset of the first mismatch within the verify data
 #   LBA_STATUS         -> list[Extent], starting at ``lba``, contiguous, at least one
 #   STATE              -> the ScsiResult of applying the change on this replica
+#   VERIFY             -> {node: checksum} of every in-sync replica (mirror only)
 # Failures are raised by the executor as OSError with an errno; the frontend maps errno to its
 # own error (see protocol.scsi.sense.sense_for_errno).  A request whose ``lun`` names no LUN of
 # the target fails with ENODEV.

@@ -90,11 +90,11 @@ class AdminServer:
             return None  # asynchronous: see _client
         handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
                    "alua": self.alua, "cluster": self.cluster,
-                   "resolve": self.resolve}.get(cmd)
+                   "resolve": self.resolve, "verify": self.verify}.get(cmd)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} "
                                           "(known: status, sessions, luns, alua, cluster, "
-                                          "resolve, reload)"}
+                                          "resolve, verify, reload)"}
         try:
             return {"ok": True, "result": handler(**req.get("args", {}))}
         except (TypeError, ValueError, KeyError) as e:
@@ -152,6 +152,13 @@ class AdminServer:
         if c is None:
             raise ValueError("this node is not part of a cluster")
         return c.resolve(lun)  # type: ignore[no-any-return]
+
+    def verify(self, lun: str = "", progress: bool = False) -> dict[str, Any]:
+        """Start an online verify of a mirrored LUN; ``progress``: only report on it."""
+        c = self.daemon.cluster
+        if c is None:
+            raise ValueError("this node is not part of a cluster")
+        return c.verify(lun, wait=progress)  # type: ignore[no-any-return]
 
     def sessions(self) -> list[dict[str, Any]]:
         reg = self.daemon.registry

@@ -114,15 +114,26 @@ class Cluster:
         for m in self.luns.values():
             m.peer_lost(peer)
 
-    def resolve(self, lun: str) -> dict[str, Any]:
-        """``vsanctl resolve``: this node's data of LUN ``lun`` (its serial) survives."""
+    def _find(self, lun: str) -> MirroredLun:
         for m in self.luns.values():
             if lun in (m.lun.unit.params.serial, m.label):
-                endpoint = self.endpoint
-                linked = [p for p in m.peers if endpoint is not None and p in endpoint.links]
-                m.choose_survivor(linked)
-                return {"lun": m.label, "full_resync_to": linked}
+                return m
         raise KeyError(f"no mirrored LUN with serial {lun!r}")
+
+    def verify(self, lun: str, wait: bool = False) -> dict[str, Any]:
+        """``vsanctl verify``: start an online verify (or, with ``wait``, report it)."""
+        m = self._find(lun)
+        if not wait:
+            m.start_verify()
+        return {"lun": m.label, **(m.verify_status() or {})}
+
+    def resolve(self, lun: str) -> dict[str, Any]:
+        """``vsanctl resolve``: this node's data of LUN ``lun`` (its serial) survives."""
+        m = self._find(lun)
+        endpoint = self.endpoint
+        linked = [p for p in m.peers if endpoint is not None and p in endpoint.links]
+        m.choose_survivor(linked)
+        return {"lun": m.label, "full_resync_to": linked}
 
     def status(self) -> dict[str, Any]:
         endpoint = self.endpoint

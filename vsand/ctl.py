@@ -36,6 +36,33 @@ def _cluster_text(result: dict[str, Any]) -> str:
                             "decision"]))
 
 
+def _verify(args: argparse.Namespace) -> int:
+    import time
+    try:
+        st = request(args.socket, "verify", lun=args.lun)
+        while args.wait and st.get("running"):
+            print(f"\r{st['lun']}: {st['regions_checked']}/{st['regions_total']} regions, "
+                  f"{st['mismatches']} differ, ETA {st['eta_s']} s   ", end="", flush=True,
+                  file=sys.stderr)
+            time.sleep(1)
+            st = request(args.socket, "verify", lun=args.lun, progress=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"vsanctl: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if args.wait:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    elif args.wait:
+        print(f"{st['lun']}: {st['regions_checked']} regions compared, "
+              f"{st['regions_skipped']} skipped, {st['mismatches']} differ"
+              + (f" (regions {st['differing_regions']})" if st["mismatches"] else ""))
+    else:
+        print(f"{st['lun']}: verify started ({st['regions_total']} regions); "
+              "`vsanctl cluster` or `vsanctl verify --wait` shows progress")
+    return 3 if args.wait and st["mismatches"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsanctl", description="manage a running vsand")
     parser.add_argument("-s", "--socket", default=DEFAULT_SOCKET,
@@ -58,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
     r.add_argument("--discard-peer-data", action="store_true",
                    help="required: confirms that the peer's diverged writes are discarded")
+    v = sub.add_parser("verify", help="compare the checksums of every region of a mirrored "
+                       "LUN across its replicas, while I/O runs")
+    v.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
+    v.add_argument("--wait", action="store_true", help="show progress until it ends; exit "
+                   "status 3 when regions differ")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args)
     extra: dict[str, Any] = {}
     if args.command == "alua":
         extra = {"target": args.target, "lun": args.lun, "state": args.state}

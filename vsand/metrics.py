@@ -126,8 +126,20 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
     latency = HistogramMetricFamily("vsand_mirror_latency_seconds", "data-changing request "
                                     "latency until every in-sync replica applied it",
                                     labels=["lun"])
+    verified = GaugeMetricFamily("vsand_mirror_verify_regions_checked", "regions compared by "
+                                 "the last (or running) online verify", labels=["lun"])
+    differ = GaugeMetricFamily("vsand_mirror_verify_mismatches", "regions that differ across "
+                               "replicas, found by the last (or running) verify", labels=["lun"])
+    verify_end = GaugeMetricFamily("vsand_mirror_verify_end_time_seconds", "when the last "
+                                   "verify ended (Unix time)", labels=["lun"])
     for m in mirrors:
         st = m.status()
+        v = st.get("verify")
+        if v is not None:
+            verified.add_metric([m.lun.unit.params.serial], v["regions_checked"])
+            differ.add_metric([m.lun.unit.params.serial], v["mismatches"])
+            if v.get("finished_unix"):
+                verify_end.add_metric([m.lun.unit.params.serial], v["finished_unix"])
         label = m.lun.unit.params.serial
         for r in _ROLES:
             role.add_metric([label, r], 1 if st["role"] == r else 0)
@@ -141,7 +153,8 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
         ops.add_metric([label], m.ops)
         errs.add_metric([label], m.errors)
         latency.add_metric([label], _buckets(m.hist), m.ns / 1e9)
-    yield from (role, replicas, dirty, resync, remaining, epoch, inflight, ops, errs, latency)
+    yield from (role, replicas, dirty, resync, remaining, epoch, inflight, ops, errs, latency,
+                verified, differ, verify_end)
 
 
 def _buckets(hist: list[int]) -> list[tuple[str, int]]:

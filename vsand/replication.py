@@ -68,6 +68,7 @@ from .mirror.metastore import MetaStore
 from .mirror.ordering import Ack, Apply, Complete, Forward, OrderingEngine, Repl, Send
 from .mirror.ratelimit import TokenBucket
 from .mirror.resync import ResyncPlan
+from .mirror.verify import VerifyPlan, region_checksum
 from .protocol.block import BlockOp, BlockRequest
 from .protocol.scsi import alua
 from .protocol.scsi.unit import ALUA_ACTIVE_OPTIMIZED, ALUA_TRANSITIONING
@@ -78,6 +79,7 @@ REQ_SHIFT = 48  # request id = (origin node index + 1) << REQ_SHIFT | counter
 BITMAP_FLUSH_INTERVAL = 1.0
 RESYNC_CHUNK = 1 << 20
 RESYNC_IN_FLIGHT = 4
+VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
 _FRESH, _SURVIVOR = 0x1, 0x2  # CONTROL STATE value flags
 
@@ -95,9 +97,11 @@ _SERVING = frozenset((Role.DEGRADED, Role.SYNC_SOURCE, Role.IN_SYNC))
 # Decisions only an operator can settle (``vsanctl resolve``).
 _UNDECIDED = frozenset((Outcome.SPLIT_BRAIN, Outcome.UNRELATED, Outcome.NO_SOURCE))
 _SEQUENCED = (wire.Write, wire.WriteSame, wire.Unmap, wire.Flush, wire.CompareAndWrite,
-              wire.State)
+              wire.State, wire.VerifyRequest)
 # Requests that order against the whole LUN but change no block: no activity log, no bitmap.
 _NO_DATA = frozenset((BlockOp.FLUSH, BlockOp.STATE))
+# ... and requests that change no block either, but order against their own blocks.
+_READS_ONLY = frozenset((BlockOp.FLUSH, BlockOp.STATE, BlockOp.VERIFY))
 
 
 class _Local:
@@ -138,6 +142,8 @@ def _frame(lun_id: int, epoch: int, seq: int, rid: int, req: BlockRequest) -> wi
     if op is BlockOp.STATE:
         assert data is not None
         return wire.State(lun_id, epoch, seq, rid, data)
+    if op is BlockOp.VERIFY:
+        return wire.VerifyRequest(lun_id, rid, seq, req.lba, req.blocks, epoch)
     assert data is not None and op is BlockOp.COMPARE_AND_WRITE
     return wire.CompareAndWrite(lun_id, epoch, seq, rid, req.lba, req.blocks, data, req.fua)
 
@@ -154,6 +160,8 @@ def _request(msg: wire.Message) -> BlockRequest:
         return BlockRequest(BlockOp.FLUSH)
     if isinstance(msg, wire.State):
         return BlockRequest(BlockOp.STATE, data=msg.record)
+    if isinstance(msg, wire.VerifyRequest):
+        return BlockRequest(BlockOp.VERIFY, msg.lba, msg.blocks)
     assert isinstance(msg, wire.CompareAndWrite)
     return BlockRequest(BlockOp.COMPARE_AND_WRITE, msg.lba, msg.blocks, msg.data, msg.fua)
 
@@ -203,6 +211,12 @@ class MirroredLun:
         self._locals: dict[int, _Local] = {}
         self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
         self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
+        # id() of a VERIFY request from a peer -> (its origin, request id), until applied.
+        self._verify_origins: dict[int, tuple[str, int]] = {}
+        self._verify_sums: dict[int, dict[str, bytes]] = {}  # local verify rid -> checksums
+        self.verify: VerifyPlan | None = None
+        self.verify_task: asyncio.Task[None] | None = None
+        self.verify_finished_unix: float | None = None
         self._peer_state: dict[str, tuple[int, int, Generations, bytes]] = {}
         self._exchanging: set[str] = set()  # peers with an exchange of states under way
         self._sent: set[str] = set()  # ... of which this node's state has been sent
@@ -300,11 +314,19 @@ class MirroredLun:
             rid = self._req_base | self._next_req
             self._next_req += 1
             self._locals[rid] = local
+            verify = req.op is BlockOp.VERIFY
+            if verify:
+                self._verify_sums[rid] = {}
             lba, blocks = _extent(req, self.lun.unit.params.blocks)
-            self._run(engine, engine.local_write(rid, lba, blocks, local))
-            await done
+            try:
+                self._run(engine, engine.local_write(rid, lba, blocks, local))
+                await done
+            finally:
+                sums = self._verify_sums.pop(rid, {}) if verify else {}
             if local.error is not None:
                 raise local.error
+            if verify:
+                return {**sums, self.node: local.result}
             return local.result
         except BaseException:
             self.errors += 1
@@ -341,8 +363,8 @@ class MirroredLun:
         return result
 
     def _bytes(self, req: BlockRequest) -> tuple[int, int]:
-        """The bytes a request may change; (0, 0) for FLUSH and STATE."""
-        if req.op in _NO_DATA:
+        """The bytes a request may change; (0, 0) for FLUSH, STATE and VERIFY."""
+        if req.op in _READS_ONLY:
             return 0, 0
         lba, blocks = _extent(req, self.lun.unit.params.blocks)
         bs = self.lun.block_size
@@ -350,6 +372,12 @@ class MirroredLun:
 
     async def _apply_logged(self, req: BlockRequest) -> Any:
         """Apply on the local backend, inside the activity log."""
+        if req.op is BlockOp.VERIFY:
+            buf = await self.lun.apply_block(BlockRequest(BlockOp.READ, req.lba, req.blocks))
+            try:
+                return region_checksum(buf)
+            finally:
+                release_buffer(buf)
         off, length = self._bytes(req)
         if not length:
             return await self.lun.apply_block(req)
@@ -413,8 +441,18 @@ class MirroredLun:
             result = await self._apply_logged(req)
             if local is not None:
                 local.result = result
-        except OSError as e:
-            log.error("%s: applying sequence %d failed: %s", self.label, action.seq, e)
+            elif req.op is BlockOp.VERIFY:
+                # To the origin before this replica's ACK, on the same ordered stream.
+                origin, rid = self._verify_origins.pop(id(req))
+                self.send(origin, wire.VerifyResult(self.lun_id, rid, action.seq, req.lba,
+                                                    req.blocks, result))
+        except Exception as e:  # the order must go on whatever happened to one request
+            if isinstance(e, OSError):
+                log.error("%s: applying sequence %d failed: %s", self.label, action.seq, e)
+            else:
+                log.exception("%s: internal error applying sequence %d", self.label,
+                              action.seq)
+                e = OSError(errno.EIO, f"internal error: {e!r}")
             if local is not None:
                 local.error = e
             else:
@@ -466,6 +504,8 @@ class MirroredLun:
                                              f"not of node {peer}")
             req = msg.to_request()
             lba, blocks = self._checked(req, total)
+            if req.op is BlockOp.VERIFY:
+                self._verify_origins[id(req)] = (peer, msg.request_id)
             actions = engine.receive(peer, Forward(peer, msg.request_id, lba, blocks, req))
         elif isinstance(msg, wire.Ordered):
             if msg.status:
@@ -484,6 +524,8 @@ class MirroredLun:
                                              f"{msg.request_id:#x}")
             req = _request(msg)
             lba, blocks = self._checked(req, total)
+            if req.op is BlockOp.VERIFY:
+                self._verify_origins[id(req)] = (origin, msg.request_id)
             actions = engine.receive(peer, Repl(msg.seq, origin, msg.request_id, lba, blocks,
                                                 req))
         self._run(engine, actions)
@@ -518,6 +560,10 @@ class MirroredLun:
             self._control(peer, msg)
         elif isinstance(msg, wire.ResyncData):
             self._spawn(self._resync_data(peer, msg))
+        elif isinstance(msg, wire.VerifyResult):
+            sums = self._verify_sums.get(msg.request_id)
+            if sums is not None:
+                sums[peer] = msg.checksum
         else:
             log.debug("%s: ignored %s from node %s", self.label, msg.TYPE.name, peer)
 
@@ -874,6 +920,71 @@ class MirroredLun:
             status = getattr(e, "errno", None) or errno.EPROTO
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
 
+    # ------------------------------------------------------------------ online verify
+    def start_verify(self) -> None:
+        """Compare every region's checksum across the in-sync replicas, while I/O runs: each
+        region is checksummed everywhere at the same point of the LUN's order (VERIFY)."""
+        if self.role is not Role.IN_SYNC:
+            raise ValueError(f"{self.label} is {self.role.value}: only replicas in sync can "
+                             "be compared")
+        if self.verify_task is not None and not self.verify_task.done():
+            raise ValueError(f"a verify of {self.label} is running")
+        plan = self.verify = VerifyPlan(self.lun.backend.size, block_size=self.lun.block_size)
+        self.verify_finished_unix = None
+        log.info("%s: verify of %d regions started", self.label, plan.regions)
+        self.verify_task = self._spawn(self._verify_run(plan))
+
+    async def _verify_run(self, plan: VerifyPlan) -> None:
+        loop = asyncio.get_running_loop()
+        running: dict[asyncio.Future[Any], Any] = {}
+        bucket = TokenBucket(self.resync_rate, self.resync_rate) if self.resync_rate else None
+        try:
+            while not plan.finished:
+                if self.role is Role.IN_SYNC:
+                    for job in plan.next_batch(VERIFY_IN_FLIGHT - len(running), loop.time()):
+                        if bucket is not None:
+                            wait = bucket.take(job.length, loop.time())
+                            if wait > 0:
+                                await asyncio.sleep(wait)
+                        req = BlockRequest(BlockOp.VERIFY, job.lba, job.blocks)
+                        running[asyncio.ensure_future(self.submit(req))] = job
+                if not running:
+                    log.warning("%s: verify stopped: the replica is %s", self.label,
+                                self.role.value)
+                    return
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    job = running.pop(fut)
+                    sums = None if fut.exception() is not None else fut.result()
+                    if not isinstance(sums, dict):  # failed, or answered by this node alone
+                        plan.abandon(job.region, loop.time())
+                        continue
+                    mismatch = plan.compare(job.region, sums, loop.time())
+                    if mismatch is not None:
+                        log.error("%s: verify: region %d (blocks %d+%d) differs: %s",
+                                  self.label, mismatch.region, mismatch.lba, mismatch.blocks,
+                                  ", ".join(f"{n} {c.hex()[:12]}" for n, c in
+                                            sorted(sums.items())))
+        finally:
+            for fut in running:
+                fut.cancel()
+        st = plan.status(loop.time())
+        self.verify_finished_unix = time.time()
+        log.info("%s: verify done: %d regions compared, %d skipped, %d differ", self.label,
+                 st.regions_checked, st.regions_skipped, st.mismatch_count)
+
+    def verify_status(self) -> dict[str, Any] | None:
+        plan = self.verify
+        if plan is None:
+            return None
+        st = plan.status(asyncio.get_running_loop().time())
+        return {"running": self.verify_task is not None and not self.verify_task.done(),
+                "regions_total": st.regions_total, "regions_checked": st.regions_checked,
+                "regions_skipped": st.regions_skipped, "mismatches": st.mismatch_count,
+                "differing_regions": [m.region for m in st.mismatches],
+                "eta_s": None if st.eta is None else round(st.eta, 1),
+                "finished_unix": self.verify_finished_unix}
+
     # ------------------------------------------------------------------ helpers
     def _new_rid(self) -> int:
         rid = self._req_base | self._next_req
@@ -1005,4 +1116,5 @@ class MirroredLun:
             if self.plan is not None and self.plan_peer else 0,
             "last_decision": self.last_decision,
             "in_flight": self._inflight,
+            "verify": self.verify_status(),
         }

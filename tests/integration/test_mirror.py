@@ -206,3 +206,39 @@ def test_writes_through_a_node_that_is_not_serving_are_refused(tmp_path: Path) -
         assert c.roles()["a"] == ["connecting"]
     finally:
         node.stop()
+
+
+def _vsanctl(c: VsandCluster, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+    return subprocess.run([sys.executable, "-m", "vsand.ctl", "-s",
+                           str(c.nodes[node].workdir / "admin.sock"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) -> None:
+    with _cluster(tmp_path) as c:
+        c.wait_in_sync()
+        serial = c.admin("a", "luns")[0]["serial"]
+        busy = subprocess.Popen(
+            qemu_io_argv(c.url("b"), [f"aio_write -P {i % 200} {(i * 7919 % 8000) * 8192} 8k"
+                                      for i in range(4000)] + ["aio_flush"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out = _vsanctl(c, "a", "verify", serial, "--wait")
+        assert busy.wait(120) == 0
+        assert out.returncode == 0 and "64 regions compared, 0 skipped, 0 differ" in out.stdout, \
+            out.stdout + out.stderr
+        # One block of b's file changed behind the mirror's back: region 9 differs.
+        with open(c.backing_path("b"), "r+b") as f:
+            f.seek(9 * MiB + 4096)
+            f.write(b"\xee" * 512)
+        out = _vsanctl(c, "b", "verify", serial, "--wait")
+        assert out.returncode == 3 and "1 differ (regions [9])" in out.stdout, \
+            out.stdout + out.stderr
+        # Put it back so the replicas end identical.
+        with open(c.backing_path("a"), "rb") as f:
+            f.seek(9 * MiB + 4096)
+            good = f.read(512)
+        with open(c.backing_path("b"), "r+b") as f:
+            f.seek(9 * MiB + 4096)
+            f.write(good)
+    _identical(c)

@@ -316,3 +316,20 @@ async def test_one_exchange_whoever_starts_it(tmp_path: Path, late: float) -> No
     finally:
         await _close(a)
         await _close(b)
+
+
+async def test_online_verify_finds_a_region_that_differs(pair: Any) -> None:
+    a, b, _ = pair
+    await a.lun.execute_block(_write(0, 64, 4))
+    a.start_verify()
+    await asyncio.wait_for(a.verify_task, 10)
+    st = a.verify_status()
+    assert st is not None and st["regions_checked"] == SIZE // MiB and st["mismatches"] == 0
+    # Corrupt one block of b behind the mirror's back; verify again while writes run.
+    await b.lun.apply_block(_write(5 * MiB // BS + 3, 1, 0xEE))
+    b.start_verify()
+    writes = [a.lun.execute_block(_write((i * 7919) % (SIZE // BS - 8), 8, i % 256))
+              for i in range(200)]
+    await asyncio.gather(b.verify_task, *writes)
+    st = b.verify_status()
+    assert st["mismatches"] == 1 and st["differing_regions"] == [5], st
