@@ -26,14 +26,26 @@ def _cluster_text(result: dict[str, Any]) -> str:
     if not result:
         return "not part of a cluster"
     peers = [{"peer": name, **p} for name, p in result["peers"].items()]
+    def activity(m: dict[str, Any]) -> str:
+        r, v = m.get("resync"), m.get("verify")
+        if r:
+            return (f"resync to {r['to']}: {r['bytes_remaining'] >> 20} MiB left, "
+                    f"{r['rate_mib_s']} MiB/s, ETA {r['eta_s']} s")
+        if v:
+            state = "running" if v["running"] else "done"
+            return (f"verify {state}: {v['regions_checked']}/{v['regions_total']} regions, "
+                    f"{v['mismatches']} differ")
+        return ""
+
     luns = [{"lun": label, "role": m["role"], "epoch": m["epoch"],
              "in_sync": ",".join(m["in_sync"]), "generation": m["generation"],
              "dirty": ",".join(f"{p}:{n}" for p, n in m["dirty_bytes"].items()),
-             "decision": m["last_decision"]} for label, m in result["luns"].items()]
+             "decision": m["last_decision"], "activity": activity(m)}
+            for label, m in result["luns"].items()]
     return (f"cluster {result['cluster']}, node {result['node']}\n"
             + _table(peers, ["peer", "address", "state", "rtt_ms"]) + "\n\n"
             + _table(luns, ["lun", "role", "epoch", "in_sync", "generation", "dirty",
-                            "decision"]))
+                            "decision", "activity"]))
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ from .mirror.bitmap import DirtyBitmap
 from .mirror.generations import Decision, Generations, Outcome, SyncKind, decide
 from .mirror.metastore import MetaStore
 from .mirror.ordering import Ack, Apply, Complete, Forward, OrderingEngine, Repl, Send
-from .mirror.ratelimit import TokenBucket
+from .mirror.ratelimit import ResyncThrottle, TokenBucket
 from .mirror.resync import ResyncPlan
 from .mirror.verify import VerifyPlan, region_checksum
 from .protocol.block import BlockOp, BlockRequest
@@ -79,6 +79,8 @@ REQ_SHIFT = 48  # request id = (origin node index + 1) << REQ_SHIFT | counter
 BITMAP_FLUSH_INTERVAL = 1.0
 RESYNC_CHUNK = 1 << 20
 RESYNC_IN_FLIGHT = 4
+RESYNC_MAX_RATE = 4 << 30  # bytes/s when the config sets no cap
+RESYNC_TARGET_LATENCY = 0.005  # mean foreground latency above which resync backs off
 VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
 _FRESH, _SURVIVOR = 0x1, 0x2  # CONTROL STATE value flags
@@ -196,6 +198,7 @@ class MirroredLun:
         self.al: ActivityLog | None = None
         self.plan: ResyncPlan | None = None
         self.plan_peer = ""
+        self.throttle: ResyncThrottle | None = None
         self.peer_roles: dict[str, str] = {}
         self.survivor = False  # an operator chose this replica's data over diverged peers
         self.resync_bytes = 0  # copied as source, for the status and the tests
@@ -792,16 +795,25 @@ class MirroredLun:
         plan = self.plan = ResyncPlan(bm, block_size=bs, chunk_bytes=RESYNC_CHUNK,
                                       max_in_flight=RESYNC_IN_FLIGHT)
         self.plan_peer = peer
-        bucket = TokenBucket(self.resync_rate, self.resync_rate) if self.resync_rate else None
         loop = asyncio.get_running_loop()
+        # Foreground I/O first: the rate backs off while requests on this LUN slow down
+        # (AIMD on their mean latency), up to the configured cap.
+        cap = self.resync_rate or RESYNC_MAX_RATE
+        throttle = self.throttle = ResyncThrottle(cap, max(cap / 64, 1 << 20),
+                                                  target_latency=RESYNC_TARGET_LATENCY,
+                                                  now=loop.time())
+        seen_ops, seen_ns = self.ops, self.ns
         running: set[asyncio.Task[None]] = set()
         started, copied = time.monotonic(), self.resync_bytes
         while self.role is Role.SYNC_SOURCE and self.plan is plan:
             for job in plan.next_jobs(loop.time()):
-                if bucket is not None:
-                    wait = bucket.take(job.length, loop.time())
-                    if wait > 0:
-                        await asyncio.sleep(wait)
+                ops, ns = self.ops - seen_ops, self.ns - seen_ns
+                seen_ops, seen_ns = self.ops, self.ns
+                throttle.foreground(ops, ns / ops / 1e9 if ops else None, loop.time(),
+                                    self._inflight)
+                wait = throttle.take(job.length, loop.time())
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 running.add(asyncio.ensure_future(self._copy(peer, plan, job)))
             if running:
                 _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -973,6 +985,18 @@ class MirroredLun:
         log.info("%s: verify done: %d regions compared, %d skipped, %d differ", self.label,
                  st.regions_checked, st.regions_skipped, st.mismatch_count)
 
+    def _resync_progress(self) -> dict[str, Any] | None:
+        plan = self.plan
+        if plan is None:
+            return None
+        p = plan.progress(asyncio.get_running_loop().time())
+        return {"to": self.plan_peer, "bytes_done": p.bytes_done,
+                "bytes_remaining": p.bytes_remaining,
+                "rate_mib_s": None if p.rate is None else round(p.rate / (1 << 20), 1),
+                "eta_s": None if p.eta is None else round(p.eta, 1),
+                "throttle_mib_s": None if self.throttle is None
+                else round(self.throttle.rate / (1 << 20), 1)}
+
     def verify_status(self) -> dict[str, Any] | None:
         plan = self.verify
         if plan is None:
@@ -1114,6 +1138,7 @@ class MirroredLun:
             "resync_bytes": self.resync_bytes,
             "resync_remaining_bytes": self.bitmaps[self.plan_peer].dirty_bytes
             if self.plan is not None and self.plan_peer else 0,
+            "resync": self._resync_progress(),
             "last_decision": self.last_decision,
             "in_flight": self._inflight,
             "verify": self.verify_status(),

@@ -227,6 +227,8 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
         assert busy.wait(120) == 0
         assert out.returncode == 0 and "64 regions compared, 0 skipped, 0 differ" in out.stdout, \
             out.stdout + out.stderr
+        table = _vsanctl(c, "a", "cluster").stdout
+        assert "in-sync" in table and "verify done: 64/64 regions, 0 differ" in table, table
         # One block of b's file changed behind the mirror's back: region 9 differs.
         with open(c.backing_path("b"), "r+b") as f:
             f.seek(9 * MiB + 4096)
