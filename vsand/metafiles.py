@@ -8,12 +8,14 @@ identifiers) on top of it; persistent reservations (``prstore``) use ``write_ato
 from __future__ import annotations
 
 import os
+import threading
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
+    # Unique per writer: two threads replacing one file must not share a temporary name.
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)

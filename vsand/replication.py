@@ -48,14 +48,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import functools
 import hashlib
 import logging
 import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from .backends.base import release_buffer
 from .lun import NOT_DONE, Lun
@@ -83,6 +84,7 @@ RESYNC_MAX_RATE = 4 << 30  # bytes/s when the config sets no cap
 RESYNC_TARGET_LATENCY = 0.005  # mean foreground latency above which resync backs off
 VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
+_T = TypeVar("_T")
 _FRESH, _SURVIVOR = 0x1, 0x2  # CONTROL STATE value flags
 
 
@@ -168,6 +170,15 @@ def _request(msg: wire.Message) -> BlockRequest:
     return BlockRequest(BlockOp.COMPARE_AND_WRITE, msg.lba, msg.blocks, msg.data, msg.fua)
 
 
+def _serialized(method: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """Run a change of replication state under the replica's transition lock."""
+    @functools.wraps(method)
+    async def run(self: MirroredLun, *args: Any) -> _T:
+        async with self._transition:
+            return await method(self, *args)
+    return run
+
+
 class MirroredLun:
     """One mirrored LUN's replica on this node; see the module docstring."""
 
@@ -224,6 +235,9 @@ class MirroredLun:
         self._exchanging: set[str] = set()  # peers with an exchange of states under way
         self._sent: set[str] = set()  # ... of which this node's state has been sent
         self._linked: set[str] = set()  # peers whose link's first exchange has started
+        # Bumped when a peer's link is lost: a decision or resync begun over the old link
+        # must not act (or send) over the next one.
+        self._link_gen: dict[str, int] = {}
         self._paused = False
         self._resume: asyncio.Event = asyncio.Event()
         self._resume.set()
@@ -236,6 +250,13 @@ class MirroredLun:
         self._al_room: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gens_lock = asyncio.Lock()
+        # One change of replication state at a time (exchange and decision, leaving the
+        # in-sync set, joining): a link that flaps queues its changes instead of mixing them.
+        self._transition = asyncio.Lock()
+        # Metadata files are replaced whole: one write per file at a time, in order, so an
+        # older image can never land after a newer one.
+        self._gens_io = asyncio.Lock()
+        self._bitmap_io = asyncio.Lock()
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
         lun.mirror = self
@@ -347,11 +368,22 @@ class MirroredLun:
     def _was_serving(self) -> bool:
         return self.lun.unit.alua_state == ALUA_ACTIVE_OPTIMIZED
 
+    def _generation_ready(self) -> bool:
+        """Every absent peer is tracked and none may hold ``current``: writes may go alone."""
+        g = self.gens
+        return bool(g.current) and not g.needs_new_current() and all(
+            g.bitmap_for(self.index[p]) for p in self.peers)
+
     async def _apply_alone(self, req: BlockRequest) -> Any:
-        if self.gens.needs_new_current() or not self.gens.current:
+        if not self._generation_ready():
+            # Persisted before the write: a peer that was in sync holds ``current``, and
+            # this write makes the data differ from it (DESIGN invariant 4).
             async with self._gens_lock:
-                if self.gens.needs_new_current() or not self.gens.current:
-                    self.gens = self.gens.new_current(os.urandom)
+                if not self._generation_ready():
+                    g = self.gens if self.gens.current else self.gens.new_current(os.urandom)
+                    for p in self.peers:
+                        g = g.start_tracking(self.index[p])
+                    self.gens = g.new_current(os.urandom)
                     await self._persist_gens()
                     log.info("%s: new data generation %016x (peers away: %s)", self.label,
                              self.gens.current, ", ".join(self.peers))
@@ -583,7 +615,7 @@ class MirroredLun:
                 raise wire.PeerProtocolError(f"CONTROL STATE generations: {e}") from None
             self._peer_state[peer] = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
             if peer in self._sent:
-                self._spawn(self._decide(peer))
+                self._spawn(self._decide_locked(peer))
             else:
                 # The peer started this exchange (its link came up first, or an operator chose
                 # there); ours, once sent, decides.
@@ -602,7 +634,15 @@ class MirroredLun:
             self._linked.add(peer)
             self._start_exchange(peer)
 
+    def _stale(self, peer: str, gen: int, what: str) -> bool:
+        """The link ``gen`` named is gone: what was being decided over it is void."""
+        if self._link_gen.get(peer, 0) == gen:
+            return False
+        log.info("%s: %s with node %s abandoned: its link went away", self.label, what, peer)
+        return True
+
     def peer_lost(self, peer: str) -> None:
+        self._link_gen[peer] = self._link_gen.get(peer, 0) + 1
         if peer in self._sent:
             self._unpause()  # the exchange holding requests back will not finish
         self._exchanging.discard(peer)
@@ -636,10 +676,31 @@ class MirroredLun:
         decides once, whoever started."""
         if peer not in self._exchanging:
             self._exchanging.add(peer)
-            self._spawn(self._exchange_state(peer))
+            self._spawn(self._exchange_state(peer, self._link_gen.get(peer, 0)))
 
-    async def _exchange_state(self, peer: str) -> None:
-        await self._pause()
+    async def _exchange_state(self, peer: str, gen: int) -> None:
+        async with self._transition:
+            if self._link_gen.get(peer, 0) != gen:
+                return  # the link went away while this waited
+            try:
+                await self._pause(timeout=self.join_timeout)
+            except asyncio.TimeoutError:
+                # Requests in flight wait for something this exchange cannot give: let them
+                # finish (or their peer be declared lost) and try again.
+                log.warning("%s: requests in flight did not drain in %g s; state exchange "
+                            "with node %s retried", self.label, self.join_timeout, peer)
+                self._exchanging.discard(peer)
+                self._unpause()
+                self._spawn(self._retry_exchange(peer))
+                return
+            await self._exchange_state_paused(peer)
+
+    async def _retry_exchange(self, peer: str) -> None:
+        await asyncio.sleep(1.0)
+        if peer in self._linked:
+            self._start_exchange(peer)
+
+    async def _exchange_state_paused(self, peer: str) -> None:
         try:
             body = self.gens.to_bytes()
             state = _STATE.pack(len(body)) + body + self.bitmaps[peer].to_bytes()
@@ -658,13 +719,20 @@ class MirroredLun:
             self._unpause()
             raise
 
+    @_serialized
+    async def _decide_locked(self, peer: str) -> None:
+        await self._decide(peer)
+
     async def _decide(self, peer: str) -> None:
         """Both states known: both nodes reach the same decision (``decide`` is symmetric)."""
+        if peer not in self._sent:
+            return  # ours is not out yet (a new link's exchange): its sender decides
         state = self._peer_state.pop(peer, None)
         if state is None:
             return
         peer_epoch, flags, peer_gens, peer_bitmap = state
         peer_fresh, peer_survivor = bool(flags & _FRESH), bool(flags & _SURVIVOR)
+        gen = self._link_gen.get(peer, 0)
         try:
             d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
             outcome = d.outcome
@@ -685,9 +753,10 @@ class MirroredLun:
                 await self._persist_gens()
                 self.bitmaps[peer].clear_all()
                 await self._flush_bitmaps()
-                self._start_epoch(max(self.epoch, peer_epoch) + 1, peer)
+                if not self._stale(peer, gen, "joining"):
+                    self._start_epoch(max(self.epoch, peer_epoch) + 1, peer)
             elif outcome is Outcome.LOCAL_IS_SOURCE:
-                await self._begin_source(peer, d.sync, peer_bitmap)
+                await self._begin_source(peer, d.sync, peer_bitmap, gen)
             elif outcome is Outcome.PEER_IS_SOURCE:
                 self._set_role(Role.SYNC_TARGET, f"node {peer} is the resync source")
             else:
@@ -697,9 +766,10 @@ class MirroredLun:
                 if self.role is not Role.SPLIT_BRAIN:
                     self.role = Role.SPLIT_BRAIN
         finally:
-            # The next exchange (an operator's choice) may start.
-            self._exchanging.discard(peer)
-            self._sent.discard(peer)
+            if self._link_gen.get(peer, 0) == gen:  # else they belong to the next link's
+                # The next exchange (an operator's choice) may start.
+                self._exchanging.discard(peer)
+                self._sent.discard(peer)
             self._unpause()
 
     def _start_epoch(self, epoch: int, peer: str) -> None:
@@ -709,6 +779,7 @@ class MirroredLun:
         self.fresh = False
         self._set_role(Role.IN_SYNC, f"in sync with node {peer}, epoch {epoch}")
 
+    @_serialized
     async def _become_degraded(self, lost: list[str], why: str) -> None:
         """Leave the in-sync set (or start alone): track ``lost`` peers from now on."""
         await self._pause(drain=False)
@@ -760,7 +831,8 @@ class MirroredLun:
             local.done.set_result(None)
 
     # ------------------------------------------------------------------ resync
-    async def _begin_source(self, peer: str, kind: SyncKind, peer_bitmap: bytes) -> None:
+    async def _begin_source(self, peer: str, kind: SyncKind, peer_bitmap: bytes,
+                            gen: int) -> None:
         bm = self.bitmaps[peer]
         if kind is SyncKind.FULL:
             bm.mark_all()
@@ -774,14 +846,16 @@ class MirroredLun:
         await self._flush_bitmaps()
         self.gens, handle = self.gens.begin_sync_source(self.index[peer])
         await self._persist_gens()
+        if self._stale(peer, gen, "starting a resync"):
+            return  # the bitmap keeps every region for the next link
         rid = self._new_rid()
         reply = self._expect(rid)
         self.send(peer, wire.Control(self.lun_id, wire.ControlKind.SYNC_BEGIN, rid, self.epoch,
                                      handle))
         self._set_role(Role.SYNC_SOURCE, f"resyncing {bm.dirty_bytes} bytes to node {peer}")
-        self._spawn(self._resync(peer, reply))
+        self._spawn(self._resync(peer, reply, gen))
 
-    async def _resync(self, peer: str, begun: asyncio.Future[int]) -> None:
+    async def _resync(self, peer: str, begun: asyncio.Future[int], gen: int) -> None:
         try:
             status = await asyncio.wait_for(begun, self.join_timeout)
         except asyncio.TimeoutError:
@@ -805,7 +879,8 @@ class MirroredLun:
         seen_ops, seen_ns = self.ops, self.ns
         running: set[asyncio.Task[None]] = set()
         started, copied = time.monotonic(), self.resync_bytes
-        while self.role is Role.SYNC_SOURCE and self.plan is plan:
+        while self.role is Role.SYNC_SOURCE and self.plan is plan \
+                and not self._stale(peer, gen, "the resync"):
             for job in plan.next_jobs(loop.time()):
                 ops, ns = self.ops - seen_ops, self.ns - seen_ns
                 seen_ops, seen_ns = self.ops, self.ns
@@ -821,7 +896,7 @@ class MirroredLun:
             if not plan.finished:
                 await asyncio.sleep(0.01)  # every dirty region has a pass running elsewhere
                 continue
-            if await self._join(peer, plan):
+            if await self._join(peer, plan, gen):
                 dt = time.monotonic() - started
                 n = self.resync_bytes - copied
                 log.info("%s: resync to node %s done: %d bytes in %.2f s (%.1f MiB/s)",
@@ -851,12 +926,15 @@ class MirroredLun:
             if status == errno.ENOTCONN:
                 plan.cancel()
 
-    async def _join(self, peer: str, plan: ResyncPlan) -> bool:
+    @_serialized
+    async def _join(self, peer: str, plan: ResyncPlan, gen: int) -> bool:
         """The bitmap is empty: with new requests held, make the peer an in-sync replica."""
         await self._pause()
         try:
             if not plan.finished or self.plan is not plan:
                 return False
+            if self._stale(peer, gen, "joining"):
+                return True
             after = self.gens.sync_finished(self.index[peer])
             rid = self._new_rid()
             reply = self._expect(rid)
@@ -890,6 +968,7 @@ class MirroredLun:
         await self._become_degraded([peer], f"node {peer} did not join")
         self._start_exchange(peer)
 
+    @_serialized
     async def _sync_begin(self, peer: str, msg: wire.Control) -> None:
         status = 0
         if self.role is not Role.SYNC_TARGET or not msg.value:
@@ -914,6 +993,7 @@ class MirroredLun:
                 status = getattr(e, "errno", None) or errno.EIO
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
 
+    @_serialized
     async def _join_as_target(self, peer: str, msg: wire.Control) -> None:
         status = 0
         try:
@@ -1020,11 +1100,11 @@ class MirroredLun:
         self._replies[rid] = fut
         return fut
 
-    async def _pause(self, drain: bool = True) -> None:
+    async def _pause(self, drain: bool = True, timeout: float | None = None) -> None:
         self._paused = True
         self._resume.clear()
         if drain:
-            await self._idle.wait()
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
     def _unpause(self) -> None:
         self._paused = False
@@ -1051,10 +1131,15 @@ class MirroredLun:
             log.error("%s: internal error", self.label, exc_info=task.exception())
 
     async def _persist_gens(self) -> None:
-        await self.run_blocking(self.store.write, self.name + ".gen", self.gens.to_bytes())
+        async with self._gens_io:
+            await self.run_blocking(self.store.write, self.name + ".gen", self.gens.to_bytes())
         self.fresh = False  # a record exists now: only two never-used files count as equal
 
     async def _flush_bitmaps(self) -> None:
+        async with self._bitmap_io:
+            await self._flush_bitmaps_locked()
+
+    async def _flush_bitmaps_locked(self) -> None:
         for peer, bm in self.bitmaps.items():
             if bm.changed:
                 data = bm.to_bytes()

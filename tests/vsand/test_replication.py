@@ -34,6 +34,7 @@ class Wire:
         self.up = False
         self.readers: dict[str, MessageReader] = {}
         self.delay = 0.0
+        self.gen = 0  # which TCP connection: bytes of an older one are never delivered
 
     def sender(self, me: str) -> Any:
         def send(peer: str, msg: Message) -> bool:
@@ -41,14 +42,14 @@ class Wire:
                 return False
             data = b"".join(bytes(b) for b in encode(msg))
             loop = asyncio.get_running_loop()
-            loop.call_later(self.delay, self._deliver, me, peer, data) if self.delay else \
-                loop.call_soon(self._deliver, me, peer, data)
+            loop.call_later(self.delay, self._deliver, me, peer, data, self.gen) \
+                if self.delay else loop.call_soon(self._deliver, me, peer, data, self.gen)
             return True
         return send
 
-    def _deliver(self, src: str, dst: str, data: bytes) -> None:
-        if not self.up:
-            return
+    def _deliver(self, src: str, dst: str, data: bytes, gen: int) -> None:
+        if not self.up or gen != self.gen:
+            return  # sent on a link that is gone
         reader = self.readers.setdefault(f"{src}>{dst}", MessageReader())
         reader.feed(data)
         while (msg := reader.next_message()) is not None:
@@ -333,3 +334,32 @@ async def test_online_verify_finds_a_region_that_differs(pair: Any) -> None:
     await asyncio.gather(b.verify_task, *writes)
     st = b.verify_status()
     assert st["mismatches"] == 1 and st["differing_regions"] == [5], st
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 5, 8, 13, 30])
+async def test_link_replaced_during_the_exchange(tmp_path: Path, turns: int) -> None:
+    """Both nodes dial at once and one connection replaces the other while the states are
+    being exchanged or decided: the nodes still agree (same generation, same epoch)."""
+    wire = Wire()
+    a = await _node(tmp_path, "a", wire)
+    b = await _node(tmp_path, "b", wire)
+    try:
+        wire.up = True
+        a.link_up("b")
+        b.link_up("a")
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        wire.gen += 1
+        wire.readers.clear()
+        for m, peer in ((a, "b"), (b, "a")):
+            m.peer_lost(peer)
+        for m, peer in ((a, "b"), (b, "a")):
+            m.link_up(peer)
+        await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+        assert a.gens.current == b.gens.current and a.epoch == b.epoch
+        await a.lun.execute_block(_write(0, 8, 1))
+        await b.lun.execute_block(_write(4, 8, 2))
+        assert _digest(a) == _digest(b)
+    finally:
+        await _close(a)
+        await _close(b)

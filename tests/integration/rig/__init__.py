@@ -1,7 +1,8 @@
 """Integration test rig: real targets (vsand, tgt) and real initiators (libiscsi, qemu).
 
-Shared by ``tests/integration`` and ``bench/run.py``. Nothing here talks to anything but
-127.0.0.1, and every wait is bounded by a deadline.
+Shared by ``tests/integration`` and ``bench/``. Nothing here talks to anything but 127.0.0.1
+or the addresses of network namespaces it made itself (``netns``), and every wait is bounded
+by a deadline.
 """
 
 from .cluster import VsandCluster

@@ -1,0 +1,168 @@
+"""Two vsand nodes in separate network namespaces, and the link between them cut mid-write.
+
+Node ``a`` and node ``b`` each run in their own namespace, joined by one veth pair; a qemu-io
+client in ``a``'s namespace writes distinct 64 KiB blocks one after another through node
+``a``.  The link goes down while it writes: node ``a`` must notice within the peer timeout,
+go on alone (degraded) and acknowledge every write, stalling no longer than that timeout.
+When the link comes back, ``a`` (the only node written) resyncs ``b``; after a clean stop
+every acknowledged block is in both backing files, and the files are identical.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rig import LunSpec, VsandCluster
+from rig.netns import NetnsPair, NetnsUnavailable
+from rig.qemu import _DONE, qemu_io_argv
+
+MiB = 1 << 20
+BLOCK = 64 * 1024
+LUN = LunSpec(0, 64 * MiB, 512)
+PEER_TIMEOUT = 2.0
+HEARTBEAT_INTERVAL = 0.25
+STALL_MARGIN = 1.5
+WRITES = 200
+CUT_AFTER = 20  # acknowledged writes before the cut: it lands mid-sequence
+CLIENT_DEADLINE_S = 120.0
+
+
+def _pattern(i: int) -> int:
+    return i % 250 + 1
+
+
+def _pair_or_skip() -> NetnsPair:
+    try:
+        return NetnsPair("10.231.0.0/24")
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+
+
+class _Client:
+    """A process whose stdout lines are kept with the time each arrived."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.lines: list[tuple[float, str]] = []
+        self.stderr = ""
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     start_new_session=True)
+        self._threads = [threading.Thread(target=self._read_out, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def acks(self) -> list[tuple[float, int, int]]:
+        """(time, offset, length) of every write qemu-io reported done, in order."""
+        out = []
+        for t, line in list(self.lines):
+            m = _DONE.match(line)
+            if m and m[1] == "wrote" and m[2] == m[3]:
+                out.append((t, int(m[4]), int(m[2])))
+        return out
+
+    def wait(self, deadline_s: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"qemu-io still running after {deadline_s:g} s\n"
+                                 + self.explain()) from None
+        for t in self._threads:
+            t.join(10)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def explain(self) -> str:
+        out = "\n".join(line for _, line in self.lines[-15:])
+        return f"--- stdout (tail) ---\n{out}\n--- stderr ---\n{self.stderr[-2000:]}"
+
+
+def test_cut_link_between_namespaced_nodes(tmp_path: Path) -> None:
+    pair = _pair_or_skip()
+    cluster: VsandCluster | None = None
+    client: _Client | None = None
+    try:
+        cluster = VsandCluster(tmp_path, luns=(LUN,), peer_timeout=PEER_TIMEOUT,
+                               heartbeat_interval=HEARTBEAT_INTERVAL, hosts=pair.addresses,
+                               target_factory=pair.vsand_target)
+        with cluster as c:
+            c.wait_in_sync()
+            cmds = [f"write -P {_pattern(i)} {i * BLOCK} {BLOCK}" for i in range(WRITES)]
+            client = _Client(pair.run_argv("a", qemu_io_argv(c.url("a"), cmds)))
+            end = time.monotonic() + CLIENT_DEADLINE_S
+            while len(client.acks()) < CUT_AFTER:
+                assert client.proc.poll() is None, "qemu-io ended before the cut\n" + \
+                    client.explain()
+                assert time.monotonic() < end, "no writes acknowledged\n" + client.explain()
+                time.sleep(0.005)
+            pair.link_down()
+            cut_at = time.monotonic()  # both ends report the link down
+            rc = client.wait(CLIENT_DEADLINE_S)
+            acks = client.acks()
+            gaps = [(acks[i][0] - acks[i - 1][0], i) for i in range(1, len(acks))]
+            stall, at = max(gaps, default=(0.0, 0))
+            after_cut = sum(1 for t, _, _ in acks if t > cut_at)
+            print(f"\nlink cut after {len(acks) - after_cut} acknowledged writes; {after_cut} "
+                  f"acknowledged after the cut; longest gap between acknowledged writes: "
+                  f"{stall:.3f} s (before write {at}, acknowledged "
+                  f"{acks[at][0] - cut_at if acks else 0:.3f} s after the cut); peer_timeout "
+                  f"{PEER_TIMEOUT:g} s, heartbeat {HEARTBEAT_INTERVAL:g} s")
+            assert rc == 0 and len(acks) == WRITES and "failed" not in client.stderr, (
+                f"qemu-io exit {rc}, {len(acks)}/{WRITES} writes acknowledged\n"
+                + client.explain())
+            assert [off for _, off, _ in acks] == [i * BLOCK for i in range(WRITES)]
+            assert after_cut >= WRITES // 2, f"only {after_cut} writes after the cut"
+            assert stall <= PEER_TIMEOUT + STALL_MARGIN, (
+                f"writes stalled {stall:.3f} s, more than peer_timeout {PEER_TIMEOUT:g} s "
+                f"+ {STALL_MARGIN:g} s")
+            c.wait_roles({"a": "degraded"}, 30)
+            print(f"roles while cut: {c.roles()}")
+            pair.link_up()
+            healed = time.monotonic()
+            c.wait_in_sync()
+            (state,) = c.lun_states("a")
+            print(f"in sync {time.monotonic() - healed:.2f} s after the link came back; "
+                  f"node a: {state.get('last_decision', state)}")
+        # Both nodes stopped cleanly: compare what is on disk.
+        files = {n: c.backing_path(n) for n in ("a", "b")}
+        for name, path in files.items():
+            with open(path, "rb") as f:
+                for i, (_, off, length) in enumerate(acks):
+                    f.seek(off)
+                    data = f.read(length)
+                    assert data == bytes([_pattern(i)]) * length, (
+                        f"node {name}: acknowledged write {i} (pattern {_pattern(i)}) missing "
+                        f"at offset {off}: found {data[:8].hex()}...")
+        assert filecmp.cmp(files["a"], files["b"], shallow=False), "replicas differ"
+    finally:
+        if client is not None:
+            client.kill()
+        if cluster is not None:
+            for node in cluster.nodes.values():
+                if node.running():
+                    node.kill()
+        pair.close()
+    assert not pair.leftovers(), f"left behind: {pair.leftovers()}"
