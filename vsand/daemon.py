@@ -138,6 +138,10 @@ class Daemon:
             self.cluster = Cluster(c, lambda fn, *a: loop.run_in_executor(self.executor, fn, *a))
             await self.cluster.start([(lc, self.registry.targets[t.iqn].luns[lc.number])
                                       for t in c.targets for lc in t.luns])
+            registry = self.registry
+            for m in self.cluster.luns.values():
+                m.on_preempt_abort = (lambda victims, lun=m.lun:
+                                      registry.abort_tasks(lun, victims))
         for portal in portals:
             await self.listen(portal)
         try:

@@ -212,6 +212,9 @@ class MirroredLun:
         self.throttle: ResyncThrottle | None = None
         self.peer_roles: dict[str, str] = {}
         self.survivor = False  # an operator chose this replica's data over diverged peers
+        # Set by the daemon: abort this node's commands of nexuses a PREEMPT AND ABORT
+        # applied through the mirror preempted.
+        self.on_preempt_abort: Callable[[set[str]], None] | None = None
         self.resync_bytes = 0  # copied as source, for the status and the tests
         # Requests through submit (data-changing, on every in-sync replica): plain ints for
         # the metrics collector; histogram bucket i counts requests under 2**i * 1024 ns.
@@ -476,6 +479,15 @@ class MirroredLun:
             result = await self._apply_logged(req)
             if local is not None:
                 local.result = result
+            elif req.op is BlockOp.STATE:
+                # A PREEMPT AND ABORT that arrived elsewhere ends this node's commands of the
+                # preempted nexuses too (where it arrived, the transport does it).
+                pending = self.lun.unit.pr.pending_aborts
+                if pending:
+                    victims = set(pending)
+                    pending.clear()
+                    if self.on_preempt_abort is not None:
+                        self.on_preempt_abort(victims)
             elif req.op is BlockOp.VERIFY:
                 # To the origin before this replica's ACK, on the same ordered stream.
                 origin, rid = self._verify_origins.pop(id(req))

@@ -109,15 +109,7 @@ class TargetView:
             return
         victims = set(lu.pr.pending_aborts)
         lu.pr.pending_aborts.clear()
-        for conn in list(task.conn.registry.connections):
-            s = conn.session
-            if s is None or s.nexus not in victims:
-                continue
-            for t in list(conn.tasks):
-                if t.lun == lun and t is not task:
-                    conn.tasks.abort(t)
-            log.info("PREEMPT AND ABORT: commands of %s on LUN %d aborted", s.initiator_name,
-                     lun)
+        task.conn.registry.abort_tasks(self.luns[lun], victims, spare=task)
 
 
 @dataclass(eq=False)
@@ -195,6 +187,22 @@ class TargetRegistry:
         self.connections: set[Connection] = set()
         self.discovery_auth = discovery_auth or AuthPolicy()
         self.crc32c: Callable[..., int] = crc32c_function()
+
+    def abort_tasks(self, lun: Lun, nexuses: set[str], spare: Task | None = None) -> None:
+        """End the commands of ``nexuses`` on ``lun`` (PREEMPT AND ABORT, here or applied
+        through the mirror from another node); ``spare`` is the preempting command."""
+        for conn in list(self.connections):
+            s, view = conn.session, conn.view
+            if s is None or view is None or s.nexus not in nexuses:
+                continue
+            number = next((n for n, x in view.luns.items() if x is lun), None)
+            if number is None:
+                continue
+            for t in list(conn.tasks):
+                if t.lun == number and t is not spare:
+                    conn.tasks.abort(t)
+            log.info("PREEMPT AND ABORT: commands of %s on LUN %d aborted", s.initiator_name,
+                     number)
 
     def auth_policy(self, session_type: str, target_name: str) -> AuthPolicy:
         """The authentication a login must pass (LoginMachine's ``auth_policy``)."""

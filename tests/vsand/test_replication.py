@@ -363,3 +363,31 @@ async def test_link_replaced_during_the_exchange(tmp_path: Path, turns: int) -> 
     finally:
         await _close(a)
         await _close(b)
+
+
+async def test_preempt_and_abort_at_one_node_aborts_at_the_other(pair: Any) -> None:
+    from vsand.lun import run_scsi
+    from vsand.protocol.scsi.target import ScsiTarget
+    from vsand.protocol.scsi.types import ScsiCommand, Status
+    a, b, _ = pair
+    dev_a, dev_b = ScsiTarget({0: a.lun.unit}), ScsiTarget({0: b.lun.unit})
+    # The form vsand.session gives a nexus: initiator, ISID, target, portal group.
+    na = "iqn.x:host-a,i,0x000000000001,iqn.x:t,t,0x0001"
+    nb = "iqn.x:host-b,i,0x000000000002,iqn.x:t,t,0x0002"
+    dev_a.attach(na)
+    dev_b.attach(nb)
+    aborted: list[set[str]] = []
+    b.on_preempt_abort = aborted.append
+    ka, kb = (0xA1).to_bytes(8, "big"), (0xB2).to_bytes(8, "big")
+
+    async def run(dev: ScsiTarget, lun: Lun, nexus: str, cdb: bytes, data: bytes) -> Any:
+        return await run_scsi(dev, ScsiCommand(cdb, 0, nexus, data, len(data)), {0: lun})
+
+    assert (await run(dev_a, a.lun, na, _pr_out(0), bytes(8) + ka + bytes(8))).status == 0
+    assert (await run(dev_b, b.lun, nb, _pr_out(0), bytes(8) + kb + bytes(8))).status == 0
+    assert (await run(dev_b, b.lun, nb, _pr_out(1, 1), kb + bytes(16))).status == 0
+    # host-a preempts host-b's reservation and aborts its commands, through node a.
+    r = await run(dev_a, a.lun, na, _pr_out(5, 1), ka + kb + bytes(8))
+    assert r.status == Status.GOOD, r
+    assert aborted == [{nb}]
+    assert a.lun.unit.pr.to_bytes() == b.lun.unit.pr.to_bytes()
