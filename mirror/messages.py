@@ -504,6 +504,7 @@ class ControlKind(enum.IntEnum):
     SYNC_BEGIN = 1  # source -> target: a resync starts; value = the sync handle
     JOIN = 2  # source -> target: resync done, in sync from epoch ``epoch``; body = generations
     STATE = 3  # a node's replica state after a link came up; body = generations and bitmap
+    INFO = 4  # a node's software version and shared-config digest (lun 0); body = JSON
 
 
 @dataclass(frozen=True, slots=True)

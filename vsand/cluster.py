@@ -11,6 +11,8 @@ it serves alone and tracks what the peer will need.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,11 +22,29 @@ from .config import Config, LunConfig
 from .lun import Lun
 from .metafiles import FileMetaStore
 from .mirror.handshake import LunInfo, NodeIdentity
-from .mirror.messages import Heartbeat, HeartbeatAck, Message
+from . import __version__
+from .config import config_to_dict
+from .mirror.messages import Control, ControlKind, Heartbeat, HeartbeatAck, Message
 from .peer import LinkState, PeerEndpoint, PeerLink
 from .replication import MirroredLun
 
 log = logging.getLogger("vsand.cluster")
+
+
+def shared_digest(config: Config) -> str:
+    """A digest of what every node of the cluster must configure alike: the cluster section
+    (less this node's listen address), targets and LUNs (less backing paths), ACLs, CHAP
+    users, login defaults.  Paths, portals and the node's own settings may differ."""
+    d = config_to_dict(config)
+    d["cluster"].pop("listen", None)
+    d["cluster"].pop("secret_file", None)
+    for t in d["targets"]:
+        for lun in t["luns"]:
+            lun.pop("path", None)
+        for key in ("secret_file", "mutual_secret_file"):
+            t["auth"].pop(key, None)
+    shared = {k: d[k] for k in ("cluster", "targets", "iscsi")}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Cluster:
@@ -32,6 +52,8 @@ class Cluster:
         cc = config.cluster
         assert cc is not None
         self.config = cc
+        self.digest = shared_digest(config)
+        self.peer_info: dict[str, dict[str, str]] = {}  # what each peer said of itself
         self.node = config.node_name
         self.meta_dir = os.path.join(config.data_dir, "mirror")
         self.run_blocking = run_blocking
@@ -91,6 +113,8 @@ class Cluster:
     def _up(self, link: PeerLink) -> None:
         peer = link.peer_id
         assert peer is not None
+        info = json.dumps({"version": __version__, "config_digest": self.digest}).encode()
+        link.send(Control(0, ControlKind.INFO, 0, body=info))
         for lun_id in link.common_luns:
             m = self.luns.get(lun_id)
             if m is not None:
@@ -101,11 +125,29 @@ class Cluster:
             return
         peer = link.peer_id
         assert peer is not None
+        if type(msg) is Control and msg.kind is ControlKind.INFO:
+            self._peer_info(peer, msg.body)
+            return
         m = self.luns.get(getattr(msg, "lun", -1))
         if m is None or m.lun_id not in link.common_luns:
             log.debug("node %s: %s for a LUN not mirrored on this link", peer, msg.TYPE.name)
             return
         m.receive(peer, msg)  # a PeerProtocolError drops the link
+
+    def _peer_info(self, peer: str, body: bytes) -> None:
+        try:
+            info = json.loads(body)
+            version, digest = str(info["version"]), str(info["config_digest"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("node %s sent unreadable node information; ignored", peer)
+            return
+        self.peer_info[peer] = {"version": version, "config_digest": digest}
+        if version != __version__:
+            log.warning("node %s runs vsand %s, this node %s", peer, version, __version__)
+        if digest != self.digest:
+            log.warning("node %s has a different shared configuration (digest %s, here %s): "
+                        "targets, LUNs, ACLs, CHAP users and the cluster section should be "
+                        "the same on every node", peer, digest, self.digest)
 
     def _lost(self, link: PeerLink, reason: str) -> None:
         peer = link.peer_id
@@ -141,12 +183,20 @@ class Cluster:
         if endpoint is not None:
             for p in self.config.peers(self.node):
                 link = endpoint.links.get(p.name)
+                info = self.peer_info.get(p.name, {})
                 links[p.name] = {
                     "address": f"{p.host}:{p.port}",
                     "state": "up" if link is not None else "down",
                     "rtt_ms": round(link.rtt_avg * 1e3, 3) if link and link.rtt_avg else None,
+                    "version": info.get("version"),
+                    "config_digest": info.get("config_digest"),
+                    "drift": [what for what, here, there in (
+                        ("version", __version__, info.get("version")),
+                        ("config", self.digest, info.get("config_digest")))
+                        if there is not None and there != here],
                 }
-        return {"cluster": self.config.cluster_id, "node": self.node, "peers": links,
+        return {"cluster": self.config.cluster_id, "node": self.node, "version": __version__,
+                "config_digest": self.digest, "peers": links,
                 "luns": {m.label: m.status() for m in self.luns.values()}}
 
     async def close(self) -> None:

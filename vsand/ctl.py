@@ -25,7 +25,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _cluster_text(result: dict[str, Any]) -> str:
     if not result:
         return "not part of a cluster"
-    peers = [{"peer": name, **p} for name, p in result["peers"].items()]
+    peers = [{"peer": name, **p, "drift": ", ".join(p.get("drift") or []) or "-"}
+             for name, p in result["peers"].items()]
     def activity(m: dict[str, Any]) -> str:
         r, v = m.get("resync"), m.get("verify")
         if r:
@@ -42,8 +43,10 @@ def _cluster_text(result: dict[str, Any]) -> str:
              "dirty": ",".join(f"{p}:{n}" for p, n in m["dirty_bytes"].items()),
              "decision": m["last_decision"], "activity": activity(m)}
             for label, m in result["luns"].items()]
-    return (f"cluster {result['cluster']}, node {result['node']}\n"
-            + _table(peers, ["peer", "address", "state", "rtt_ms"]) + "\n\n"
+    return (f"cluster {result['cluster']}, node {result['node']}, vsand {result['version']}, "
+            f"shared config {result['config_digest']}\n"
+            + _table(peers, ["peer", "address", "state", "rtt_ms", "version", "config_digest",
+                             "drift"]) + "\n\n"
             + _table(luns, ["lun", "role", "epoch", "in_sync", "generation", "dirty",
                             "decision", "activity"]))
 

@@ -100,12 +100,17 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
                                 labels=["peer"])
     rtt = GaugeMetricFamily("vsand_peer_rtt_seconds", "smoothed peer link round trip",
                             labels=["peer"])
+    drift = GaugeMetricFamily("vsand_peer_drift", "1 when a peer runs another vsand version "
+                              "or another shared configuration", labels=["peer", "what"])
     for name, p in status["peers"].items():
         peer_up.add_metric([name], 1 if p["state"] == "up" else 0)
+        for what in ("version", "config"):
+            drift.add_metric([name, what], 1 if what in p.get("drift", ()) else 0)
         if p["rtt_ms"] is not None:
             rtt.add_metric([name], p["rtt_ms"] / 1e3)
     yield peer_up
     yield rtt
+    yield drift
     role = GaugeMetricFamily("vsand_mirror_state", "replication role of this replica (1 for "
                              "the current one)", labels=["lun", "state"])
     replicas = GaugeMetricFamily("vsand_mirror_in_sync_replicas", "replicas a write reaches "

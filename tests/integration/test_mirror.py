@@ -244,3 +244,20 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
             f.seek(9 * MiB + 4096)
             f.write(good)
     _identical(c)
+
+
+def test_configuration_drift_between_nodes_is_flagged(tmp_path: Path) -> None:
+    c = _cluster(tmp_path, metrics=True)
+    c.nodes["b"].extra_config["iscsi"] = {"queue_depth": 64}  # shared: must match
+    with c:
+        c.wait_in_sync()
+        a, b = c.admin("a", "cluster"), c.admin("b", "cluster")
+        assert a["peers"]["b"]["drift"] == ["config"] and b["peers"]["a"]["drift"] == ["config"]
+        assert a["peers"]["b"]["version"] == a["version"]
+        assert _metrics(c.metrics_ports["a"])['vsand_peer_drift{peer="b",what="config"}'] == 1
+        assert "config" in _vsanctl(c, "a", "cluster").stdout.split("DRIFT")[1]
+    # Node-specific settings (paths, portals, metrics) are not drift.
+    c2 = _cluster(tmp_path / "same")
+    with c2:
+        c2.wait_in_sync()
+        assert c2.admin("a", "cluster")["peers"]["b"]["drift"] == []

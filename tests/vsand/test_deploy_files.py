@@ -60,7 +60,7 @@ def _fake_daemon() -> Any:
                         "resync_remaining_bytes": 0, "epoch": 2, "in_flight": 0})
     cluster = SimpleNamespace(
         luns={1: mirror},
-        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2}}})
+        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": []}}})
     return SimpleNamespace(config=SimpleNamespace(node_name="node-a"), registry=registry,
                            cluster=cluster)
 
@@ -238,6 +238,10 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
     "interval": "1m",
     "input_series": [
         {"series": f'vsand_peer_up{{{J}, {I}, peer="n2"}}', "values": "1 0x10"},
+        {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="config"}}',
+         "values": "1x20"},
+        {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="version"}}',
+         "values": "0x20"},
         # in sync, degraded from minute 1, then a resync that stops moving at minute 20
         {"series": f'vsand_mirror_state{{{J}, {I}, {M}, state="degraded"}}',
          "values": "0 1x10 0x40"},
@@ -269,6 +273,10 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
                                         "lun": "S1", "state": "connecting",
                                         "severity": "warning"}}]},
+        {"eval_time": "5m", "alertname": "VsandPeerDrift", "exp_alerts": []},
+        {"eval_time": "15m", "alertname": "VsandPeerDrift",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "peer": "n2",
+                                        "what": "config", "severity": "warning"}}]},
         {"eval_time": "25m", "alertname": "VsandResyncStuck", "exp_alerts": []},
         {"eval_time": "45m", "alertname": "VsandResyncStuck",
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
