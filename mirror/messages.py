@@ -505,6 +505,7 @@ class ControlKind(enum.IntEnum):
     JOIN = 2  # source -> target: resync done, in sync from epoch ``epoch``; body = generations
     STATE = 3  # a node's replica state after a link came up; body = generations and bitmap
     INFO = 4  # a node's software version and shared-config digest (lun 0); body = JSON
+    VOTE = 5  # node -> witness: its vote for ``epoch`` (lun 0); ACK status 0 or EPERM
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,36 @@ def _how_to_connect(config: Config) -> str:
     return "\n".join(lines)
 
 
+def _witness(args: argparse.Namespace) -> int:
+    from .config_schema import parse_address, read_secret_file
+    from .mirror.handshake import MIN_SECRET
+    from .witness import run
+    try:
+        host, port = parse_address(args.listen, 3270)
+    except ValueError as e:
+        print(f"vsand witness: --listen {args.listen!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        secret = read_secret_file(args.secret_file)
+    except ValueError as e:
+        print(f"vsand witness: --secret-file {args.secret_file}: {e}", file=sys.stderr)
+        return 2
+    if len(secret) < MIN_SECRET:
+        print(f"vsand witness: --secret-file {args.secret_file}: shorter than {MIN_SECRET} "
+              "bytes", file=sys.stderr)
+        return 2
+    nodes = [n for n in args.nodes.split(",") if n]
+    if len(nodes) != 2:
+        print("vsand witness: --nodes: two node names (a two-node cluster's third vote)",
+              file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    return run({"host": host, "port": port, "witness": {
+        "cluster_id": args.cluster_id, "secret": secret, "nodes": nodes,
+        "state_dir": args.state_dir, "heartbeat_interval": args.heartbeat_interval,
+        "peer_timeout": args.peer_timeout}})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsand", description="vsand storage target daemon")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,7 +85,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="iSCSI port of node a (default 3260); node b uses +1, "
                              "replication +10/+11, metrics +6210/+6211")
     demo_p.add_argument("--size", default="1GiB", help="LUN size (default 1GiB)")
+    w = sub.add_parser("witness", help="run the witness: the third vote of a two-node "
+                       "cluster (no data)")
+    w.add_argument("--cluster-id", required=True, help="the nodes' cluster.id")
+    w.add_argument("--nodes", required=True, help="the nodes' names, comma-separated")
+    w.add_argument("--listen", default="0.0.0.0:3270",
+                   help="host:port the nodes dial (their cluster.witness); default 0.0.0.0:3270")
+    w.add_argument("--secret-file", required=True,
+                   help="the cluster secret (mode 0600, first line), as on the nodes")
+    w.add_argument("--state-dir", default="/var/lib/vsand-witness",
+                   help="where the vote record lives (default /var/lib/vsand-witness)")
+    w.add_argument("--heartbeat-interval", type=float, default=0.5)
+    w.add_argument("--peer-timeout", type=float, default=3.0)
+    w.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.command == "witness":
+        return _witness(args)
 
     if args.command == "demo":
         from .demo import run_demo

@@ -24,9 +24,10 @@ from .metafiles import FileMetaStore
 from .mirror.handshake import LunInfo, NodeIdentity
 from . import __version__
 from .config import config_to_dict
-from .mirror.messages import Control, ControlKind, Heartbeat, HeartbeatAck, Message
+from .mirror.messages import Ack, Control, ControlKind, Heartbeat, HeartbeatAck, Message
 from .peer import LinkState, PeerEndpoint, PeerLink
-from .replication import MirroredLun
+from .quorum import QuorumKeeper
+from .replication import MirroredLun, Role
 
 log = logging.getLogger("vsand.cluster")
 
@@ -59,12 +60,15 @@ class Cluster:
         self.run_blocking = run_blocking
         self.luns: dict[int, MirroredLun] = {}
         self.endpoint: PeerEndpoint | None = None
+        self.quorum: QuorumKeeper | None = None
         self._startup: asyncio.TimerHandle | None = None
 
     async def start(self, luns: list[tuple[LunConfig, Lun]]) -> None:
         cc = self.config
         os.makedirs(self.meta_dir, mode=0o700, exist_ok=True)
         store = FileMetaStore(self.meta_dir)
+        quorum = self.quorum = QuorumKeeper(cc, self.node, store, self.send, self.run_blocking,
+                                            self._quorum_changed)
         names = [n.name for n in cc.nodes]
         for lc, lun in luns:
             if not lc.mirror:
@@ -72,22 +76,27 @@ class Cluster:
             m = MirroredLun(lun, lc.mirror_id, self.node, names, store, self.send,
                             cluster_id=cc.cluster_id, run_blocking=self.run_blocking,
                             resync_rate=cc.resync_rate, join_timeout=2 * cc.peer_timeout)
+            m.may_go_alone = quorum.may_go_alone
+            m.on_in_sync = self._lun_in_sync
             await m.attach()
+            m.set_quorum(quorum.serving_now)
             self.luns[lc.mirror_id] = m
         identity = NodeIdentity(cc.cluster_id, self.node, tuple(
             LunInfo(m.lun_id, m.lun.unit.params.serial, m.lun.block_size,
                     m.lun.unit.params.blocks) for m in self.luns.values()))
         peers = cc.peers(self.node)
+        dial = list(peers) + ([cc.witness] if cc.witness is not None else [])
         endpoint = self.endpoint = PeerEndpoint(
-            identity, cc.secret, [p.name for p in peers], on_up=self._up,
+            identity, cc.secret, [p.name for p in dial], on_up=self._up,
             on_message=self._message, on_lost=self._lost,
             heartbeat_interval=cc.heartbeat_interval, heartbeat_timeout=cc.peer_timeout)
         await endpoint.listen(cc.listen_host, cc.listen_port)
         log.info("cluster %s: node %s, replication on %s:%d, %d mirrored LUN(s), peers %s",
                  cc.cluster_id, self.node, cc.listen_host, cc.listen_port, len(self.luns),
                  ", ".join(f"{p.name} ({p.host}:{p.port})" for p in peers))
-        for p in peers:
+        for p in dial:
             endpoint.connect(p.name, p.host, p.port)
+        quorum.start()
         self._startup = asyncio.get_running_loop().call_later(cc.startup_wait,
                                                               self._startup_over)
 
@@ -113,7 +122,12 @@ class Cluster:
     def _up(self, link: PeerLink) -> None:
         peer = link.peer_id
         assert peer is not None
-        info = json.dumps({"version": __version__, "config_digest": self.digest}).encode()
+        assert self.quorum is not None
+        self.quorum.link_up(peer)
+        if peer == "witness":
+            return
+        info = json.dumps({"version": __version__, "config_digest": self.digest,
+                           "epoch": self.quorum.epoch}).encode()
         link.send(Control(0, ControlKind.INFO, 0, body=info))
         for lun_id in link.common_luns:
             m = self.luns.get(lun_id)
@@ -121,10 +135,18 @@ class Cluster:
                 m.link_up(peer)
 
     def _message(self, link: PeerLink, msg: Message) -> None:
-        if type(msg) is Heartbeat or type(msg) is HeartbeatAck:
-            return
         peer = link.peer_id
-        assert peer is not None
+        assert peer is not None and self.quorum is not None
+        if type(msg) is HeartbeatAck:
+            if peer != "witness":
+                self.quorum.heartbeat_answered(msg.echo_ns)  # type: ignore[union-attr]
+            return
+        if type(msg) is Heartbeat:
+            return
+        if peer == "witness":
+            if type(msg) is Ack:
+                self.quorum.reply(msg.request_id, msg.status)  # type: ignore[union-attr]
+            return
         if type(msg) is Control and msg.kind is ControlKind.INFO:
             self._peer_info(peer, msg.body)
             return
@@ -142,6 +164,8 @@ class Cluster:
             log.warning("node %s sent unreadable node information; ignored", peer)
             return
         self.peer_info[peer] = {"version": version, "config_digest": digest}
+        if self.quorum is not None and isinstance(info.get("epoch"), int):
+            self.quorum.peer_epoch(info["epoch"])
         if version != __version__:
             log.warning("node %s runs vsand %s, this node %s", peer, version, __version__)
         if digest != self.digest:
@@ -153,8 +177,20 @@ class Cluster:
         peer = link.peer_id
         if peer is None:
             return
+        if self.quorum is not None:
+            self.quorum.link_lost(peer, link.last_rx)
+        if peer == "witness":
+            return
         for m in self.luns.values():
             m.peer_lost(peer)
+
+    def _quorum_changed(self, ok: bool) -> None:
+        for m in self.luns.values():
+            m.set_quorum(ok)
+
+    def _lun_in_sync(self, peer: str) -> None:
+        if self.quorum is not None and all(m.role is Role.IN_SYNC for m in self.luns.values()):
+            self.quorum.peer_joined()
 
     def _find(self, lun: str) -> MirroredLun:
         for m in self.luns.values():
@@ -197,13 +233,18 @@ class Cluster:
                 }
         return {"cluster": self.config.cluster_id, "node": self.node, "version": __version__,
                 "config_digest": self.digest, "peers": links,
+                "quorum": self.quorum.status() if self.quorum is not None else None,
                 "luns": {m.label: m.status() for m in self.luns.values()}}
 
     async def close(self) -> None:
         if self._startup is not None:
             self._startup.cancel()
+        if self.quorum is not None:
+            self.quorum.closing = True
         # Links first: the LUNs record that their peers are away before they close.
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self.quorum is not None:
+            await self.quorum.close()
         for m in self.luns.values():
             await m.close()

@@ -18,6 +18,8 @@ Layout (``id``, ``nodes`` and one of ``secret``/``secret_file`` are required)::
                                     # more than 2 heartbeat intervals
       resync_rate: 0                # bytes per second (sizes as for LUNs); 0 = unlimited
       startup_wait: 10              # seconds a starting node waits for its peers, 0..600
+      witness: 192.0.2.12:3270      # optional: `vsand witness` there is the third vote; a
+                                    # node serves only with two votes (mirror/quorum.py)
 
 The section is meant to be the same in every node's file; ``node.name`` says which node a
 file is for.  A LUN's ``mirror`` key (default true inside a cluster) puts it in the mirror;
@@ -52,12 +54,14 @@ __all__ = [
 ]
 
 CLUSTER_PORT: Final = 3270
-CLUSTER_KEYS: Final = ("id", "secret", "secret_file", "listen", "nodes", "heartbeat_interval",
+CLUSTER_KEYS: Final = ("id", "secret", "secret_file", "listen", "nodes", "witness",
+                       "heartbeat_interval",
                        "peer_timeout", "resync_rate", "startup_wait")
 NODE_KEYS: Final = ("name", "address")
 MIN_NODES: Final = 2
 MAX_NODES: Final = 3
 MAX_CLUSTER_SECRET: Final = 1024
+WITNESS_NAME: Final = "witness"
 MAX_CLUSTER_ID: Final = 64
 NODE_NAME_ALLOWED: Final = "1..253 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -87,6 +91,7 @@ class ClusterConfig:
     peer_timeout: float = 3.0
     resync_rate: int = 0  # bytes per second, 0 = unlimited
     startup_wait: float = 10.0
+    witness: ClusterNode | None = None  # the third vote (name WITNESS_NAME), if any
 
     def node(self, name: str) -> ClusterNode:
         for n in self.nodes:
@@ -197,6 +202,22 @@ def read_cluster(top: Section, node_name: str | None, check_path: Callable[[str]
                                   f"(allowed: more than {2 * interval:g} seconds)")
     resync_rate = sec.size("resync_rate", 0)
     startup_wait = sec.seconds("startup_wait", 10.0, 0.0, 600.0, True)
+    witness: ClusterNode | None = None
+    if sec.raw("witness") is not MISSING:
+        text = sec.string("witness", None, "host:port of the witness (vsand witness)")
+        if text is not None:
+            try:
+                host, port = parse_address(text, CLUSTER_PORT)
+            except ValueError as exc:
+                sec.error("witness", f"{text!r} {exc} (allowed: {ADDRESS_ALLOWED})")
+            else:
+                if is_wildcard(host):
+                    sec.error("witness", f"{text!r} is a wildcard address (allowed: an "
+                                         "address the nodes can reach)")
+                witness = ClusterNode(WITNESS_NAME, host, port)
+    if any(n.name == WITNESS_NAME for n in nodes):
+        sec.error("nodes", f"a node is called {WITNESS_NAME!r} (allowed: any other name; "
+                           "it names the witness)")
 
     if len(errors.lines) != start:
         return None
@@ -205,7 +226,7 @@ def read_cluster(top: Section, node_name: str | None, check_path: Callable[[str]
     assert startup_wait is not None
     return ClusterConfig(cluster_id, secret, secret_file, listen[0], listen[1],
                          tuple(sorted(nodes, key=lambda n: n.name)), interval, timeout,
-                         resync_rate, startup_wait)
+                         resync_rate, startup_wait, witness)
 
 
 def _read_secret(sec: Section, check_path: Callable[[str], str]) -> tuple[bytes | None, str]:
@@ -315,4 +336,6 @@ def cluster_to_dict(cluster: ClusterConfig) -> dict[str, Any]:
     out["peer_timeout"] = cluster.peer_timeout
     out["resync_rate"] = format_size(cluster.resync_rate)
     out["startup_wait"] = cluster.startup_wait
+    if cluster.witness is not None:
+        out["witness"] = format_address(cluster.witness.host, cluster.witness.port)
     return out

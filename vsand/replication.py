@@ -72,7 +72,7 @@ from .mirror.resync import ResyncPlan
 from .mirror.verify import VerifyPlan, region_checksum
 from .protocol.block import BlockOp, BlockRequest
 from .protocol.scsi import alua
-from .protocol.scsi.unit import ALUA_ACTIVE_OPTIMIZED, ALUA_TRANSITIONING
+from .protocol.scsi.unit import ALUA_ACTIVE_OPTIMIZED, ALUA_TRANSITIONING, ALUA_UNAVAILABLE
 
 log = logging.getLogger("vsand.mirror")
 
@@ -215,6 +215,11 @@ class MirroredLun:
         # Set by the daemon: abort this node's commands of nexuses a PREEMPT AND ABORT
         # applied through the mirror preempted.
         self.on_preempt_abort: Callable[[set[str]], None] | None = None
+        # Quorum (vsand/quorum.py): whether this node may serve at all, whether it may go on
+        # without a lost peer (the witness's vote), and news that the peer is in sync.
+        self.quorum_ok = True
+        self.may_go_alone: Callable[[], Awaitable[bool]] | None = None
+        self.on_in_sync: Callable[[str], None] | None = None
         self.resync_bytes = 0  # copied as source, for the status and the tests
         # Requests through submit (data-changing, on every in-sync replica): plain ints for
         # the metrics collector; histogram bucket i counts requests under 2**i * 1024 ns.
@@ -326,9 +331,10 @@ class MirroredLun:
         """Execute a data-changing request on every in-sync replica; its result here."""
         while self._paused:
             await self._resume.wait()
-        if self.role not in _SERVING and not (self.role is Role.SPLIT_BRAIN
-                                              and self._was_serving):
-            raise OSError(errno.ENOLINK, f"{self.label} is {self.role.value} on this node")
+        if not self.quorum_ok or (self.role not in _SERVING and not (
+                self.role is Role.SPLIT_BRAIN and self._was_serving)):
+            state = self.role.value if self.quorum_ok else "without quorum"
+            raise OSError(errno.ENOLINK, f"{self.label} is {state} on this node")
         self._inflight += 1
         self._idle.clear()
         t0 = time.perf_counter_ns()
@@ -790,12 +796,21 @@ class MirroredLun:
         self.engine = OrderingEngine(self.node, members, min(members))
         self.fresh = False
         self._set_role(Role.IN_SYNC, f"in sync with node {peer}, epoch {epoch}")
+        if self.on_in_sync is not None:
+            self.on_in_sync(peer)
 
     @_serialized
     async def _become_degraded(self, lost: list[str], why: str) -> None:
         """Leave the in-sync set (or start alone): track ``lost`` peers from now on."""
         await self._pause(drain=False)
         try:
+            # The quorum decides first (the witness's vote, mirror/quorum.py): requests that
+            # waited for the lost peer are acknowledged only by a node that may go on alone.
+            alone = True if self.may_go_alone is None else await self.may_go_alone()
+            if not alone:
+                self.quorum_ok = False
+                for local in self._locals.values():
+                    local.error = local.error or OSError(errno.ENOLINK, "no quorum")
             engine = self.engine
             redo: list[tuple[int, Any]] = []
             if engine is not None:
@@ -810,23 +825,32 @@ class MirroredLun:
                 if length:
                     for peer in lost:
                         self.bitmaps[peer].mark(off, length)
-            if not self.gens.current:
+            if not self.gens.current and alone:
                 self.gens = self.gens.new_current(os.urandom)
-            for peer in lost:
-                self.gens = self.gens.start_tracking(self.index[peer])
+            if self.gens.current:
+                for peer in lost:
+                    self.gens = self.gens.start_tracking(self.index[peer])
             await self._persist_gens()  # before any write that waited for them completes
             if engine is not None:
                 self.engine = None
                 self._set_role(Role.DEGRADED, why)
                 self._run(engine, actions)
                 for rid, local in redo:
-                    self._spawn(self._redo_alone(rid, local))
+                    if alone:
+                        self._spawn(self._redo_alone(rid, local))
+                    else:
+                        local.error = local.error or OSError(errno.ENOLINK, "no quorum")
+                        self._locals.pop(rid, None)
+                        if not local.done.done():
+                            local.done.set_result(None)
                 # Writes already ordered finish locally before new ones may overlap them.
                 deadline = time.monotonic() + 30
                 while not engine.idle and time.monotonic() < deadline:
                     await asyncio.sleep(0.005)
             else:
                 self._set_role(Role.DEGRADED, why)
+            if not alone:
+                self._set_alua(False)
             if self.plan is not None:
                 self.plan.cancel()
                 self.plan = None
@@ -1129,7 +1153,17 @@ class MirroredLun:
         self._set_alua(role in _SERVING)
 
     def _set_alua(self, serving: bool) -> None:
-        alua.set_state(self.lun.unit, ALUA_ACTIVE_OPTIMIZED if serving else ALUA_TRANSITIONING)
+        if not self.quorum_ok:
+            state = ALUA_UNAVAILABLE  # fenced: initiators use the other node's paths
+        else:
+            state = ALUA_ACTIVE_OPTIMIZED if serving else ALUA_TRANSITIONING
+        alua.set_state(self.lun.unit, state)
+
+    def set_quorum(self, ok: bool) -> None:
+        """The node gained or lost quorum: serve (as the role allows) or nothing at all."""
+        self.quorum_ok = ok
+        self._set_alua(self.role in _SERVING or (self.role is Role.SPLIT_BRAIN
+                                                 and self._was_serving))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

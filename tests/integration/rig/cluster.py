@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import secrets
 import socket
 import time
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
-from .procs import DEFAULT_LUNS, HOST, LunSpec, VsandTarget, free_port
+from .procs import DEFAULT_LUNS, HOST, LunSpec, VsandTarget, free_port, wait_port
 
 IN_SYNC_DEADLINE_S = 60.0
 
@@ -39,6 +42,7 @@ class VsandCluster:
         extra_config: dict[str, object] | None = None,
         target_factory: Callable[..., VsandTarget] = VsandTarget,
         metrics: bool = False,
+        witness: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +53,8 @@ class VsandCluster:
         self.repl_ports = {n: free_port() for n in names}
         nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"}
                      for n in names]
+        self.witness = WitnessProcess(self.workdir / "witness", list(names), self.secret_path,
+                                      peer_timeout, heartbeat_interval) if witness else None
         self.nodes: dict[str, VsandTarget] = {}
         self.metrics_ports = {n: free_port() for n in names} if metrics else {}
         for i, name in enumerate(names):
@@ -66,6 +72,7 @@ class VsandCluster:
                     "peer_timeout": peer_timeout,
                     "heartbeat_interval": heartbeat_interval,
                     "startup_wait": startup_wait,
+                    **({"witness": f"{HOST}:{self.witness.port}"} if self.witness else {}),
                 },
             }
             if metrics:
@@ -76,6 +83,8 @@ class VsandCluster:
 
     # --- processes --------------------------------------------------------------------
     def start(self) -> "VsandCluster":
+        if self.witness is not None:
+            self.witness.start()
         for node in self.nodes.values():
             node.write_config()
             node._spawn(node.argv())
@@ -90,6 +99,8 @@ class VsandCluster:
                 node.stop()
             except Exception as e:  # stop every node, then report
                 errors.append(e)
+        if self.witness is not None:
+            self.witness.stop()
         if errors:
             raise errors[0]
 
@@ -101,6 +112,8 @@ class VsandCluster:
             for node in self.nodes.values():
                 if node.running():
                     node.kill()
+            if self.witness is not None:
+                self.witness.stop()
             return
         self.stop()
 
@@ -158,3 +171,38 @@ class VsandCluster:
     def wait_in_sync(self, deadline_s: float = IN_SYNC_DEADLINE_S) -> None:
         self.wait_roles({n: "in-sync" for n, node in self.nodes.items() if node.running()},
                         deadline_s)
+
+
+class WitnessProcess:
+    """``python -m vsand witness`` on 127.0.0.1 and a free port; ended by its own PID."""
+
+    def __init__(self, workdir: Path, nodes: list[str], secret: Path, peer_timeout: float,
+                 heartbeat_interval: float) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.argv = [sys.executable, "-m", "vsand", "witness", "--cluster-id", "test",
+                     "--nodes", ",".join(nodes), "--listen", f"{HOST}:{self.port}",
+                     "--secret-file", str(secret), "--state-dir", str(self.workdir / "state"),
+                     "--peer-timeout", str(peer_timeout), "--heartbeat-interval",
+                     str(heartbeat_interval)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.workdir / "witness.stderr"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=err)
+        wait_port(self.port, self.proc, deadline_s=20.0)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -1,0 +1,89 @@
+"""Two nodes and a witness: the node that loses its peer serves only with the witness's vote.
+
+The quorum rules and their timing argument are in mirror/quorum.py; here they meet real
+processes: a node killed, the witness killed, the witness's vote held by the other side.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import time
+from pathlib import Path
+
+from rig import LunSpec, VsandCluster
+from rig.qemu import check_qemu_io, qemu_io
+
+MiB = 1 << 20
+LUN = LunSpec(0, 32 * MiB, 512)
+
+
+def _quorum(c: VsandCluster, node: str) -> dict:
+    return c.admin(node, "cluster")["quorum"]
+
+
+def _wait(cond, what: str, deadline_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {deadline_s:g} s: {what}")
+        time.sleep(0.1)
+
+
+def test_survivor_serves_with_the_witness_vote_and_fences_without_it(tmp_path: Path) -> None:
+    c = VsandCluster(tmp_path, luns=(LUN,), witness=True, peer_timeout=2.0,
+                     heartbeat_interval=0.25)
+    with c:
+        c.wait_in_sync()
+        _wait(lambda: _quorum(c, "a")["serving"] and _quorum(c, "b")["serving"],
+              "both nodes hold quorum")
+        check_qemu_io(c.url("a"), ["write -P 0x11 0 1M"])
+        # b dies: a asks the witness, gets epoch 1, and goes on alone.
+        c.nodes["b"].kill()
+        started = time.monotonic()
+        check_qemu_io(c.url("a"), ["write -P 0x22 1M 1M"], timeout=60)
+        stall = time.monotonic() - started
+        q = _quorum(c, "a")
+        assert q["serving"] and q["witness_vote"] and q["epoch"] == 1, q
+        assert stall < 2.0 + 5.0, stall
+        # b comes back behind: resync, then both share epoch 1 and the grant is spent.
+        c.nodes["b"].restart()
+        c.wait_in_sync()
+        _wait(lambda: not _quorum(c, "a")["witness_vote"] and _quorum(c, "b")["epoch"] == 1,
+              "epoch shared after the rejoin")
+        # Now the witness is gone too when b dies: a has one vote of three and fences.
+        assert c.witness is not None
+        c.witness.kill()
+        c.nodes["b"].kill()
+        _wait(lambda: not _quorum(c, "a")["serving"], "a fenced without quorum", 15)
+        r = qemu_io(c.url("a"), ["write -P 0x33 2M 4k"], timeout=60)
+        assert r.returncode != 0 or r.problems(), r.explain()
+        assert c.admin("a", "alua")[0]["state"] == "unavailable"
+        # The witness returns; b stays dead: a asks again, wins epoch 2 and serves.
+        c.witness.start()
+        _wait(lambda: _quorum(c, "a")["serving"], "a serves with the witness back", 20)
+        assert _quorum(c, "a")["epoch"] == 2
+        check_qemu_io(c.url("a"), ["write -P 0x44 2M 4k", "read -P 0x22 1M 1M"])
+
+
+def test_the_node_that_lost_the_vote_stays_fenced(tmp_path: Path) -> None:
+    """b restarts alone after a won the witness's vote: b is behind and must not serve."""
+    c = VsandCluster(tmp_path, luns=(LUN,), witness=True, peer_timeout=2.0,
+                     heartbeat_interval=0.25, startup_wait=1.0)
+    with c:
+        c.wait_in_sync()
+        c.nodes["b"].kill()
+        _wait(lambda: _quorum(c, "a")["serving"] and _quorum(c, "a")["epoch"] == 1,
+              "a serves with the witness's vote")
+        check_qemu_io(c.url("a"), ["write -P 0x55 0 64k"], timeout=60)
+        c.nodes["a"].kill()  # a dies too, holding the newest data
+        c.nodes["b"].restart()
+        time.sleep(4.0)  # startup_wait, a vote request, a retry
+        q = _quorum(c, "b")
+        assert not q["serving"] and q["epoch"] == 0, q
+        r = qemu_io(c.url("b"), ["read 0 4k"], timeout=60)
+        assert r.returncode != 0 or r.problems(), "a node behind served a read"
+        # a returns: it wins its own epoch again, b resyncs from it, both serve.
+        c.nodes["a"].restart()
+        c.wait_in_sync()
+        check_qemu_io(c.url("b"), ["read -P 0x55 0 64k"])
+    assert filecmp.cmp(c.backing_path("a"), c.backing_path("b"), shallow=False)

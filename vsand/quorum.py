@@ -1,0 +1,216 @@
+"""This node's votes: its peer's (a lease renewed by heartbeats) or the witness's (per epoch).
+
+The rules and the timing argument are ``mirror/quorum.py``'s.  Here: the lease is renewed by
+every HEARTBEAT_ACK from the peer (from the time that heartbeat was sent); when the peer is
+lost, ``may_go_alone`` asks the witness for the next epoch (one request shared by every LUN)
+and records a grant before anyone relies on it; a loop re-evaluates ``serving`` a few times per
+heartbeat interval and tells the LUNs when it changes, so that a node whose lease ran out
+stops serving reads as well as writes (its ALUA state turns unavailable).  A refused node
+asks again every few seconds while its peer stays away: if the peer never got the vote (the
+witness was down when they lost each other), the next request may succeed.
+
+Without a configured witness there is no third vote: the node trusts its peer timeout alone
+(the behaviour of earlier versions), and says so at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config_cluster import ClusterConfig
+from .mirror.messages import Control, ControlKind, Message
+from .mirror.metastore import MetaStore
+from .mirror.quorum import Lease, lease_for
+
+log = logging.getLogger("vsand.quorum")
+
+STATE = "quorum.state"
+RETRY_INTERVAL = 2.0  # seconds between vote requests of a fenced node
+
+
+class QuorumKeeper:
+    def __init__(self, config: ClusterConfig, node: str, store: MetaStore,
+                 send: Callable[[str, Message], bool], run_blocking: Callable[..., Any],
+                 on_change: Callable[[bool], None]) -> None:
+        self.config = config
+        self.node = node
+        self.store = store
+        self.send = send
+        self.run_blocking = run_blocking
+        self.on_change = on_change
+        self.enabled = config.witness is not None
+        self.lease = Lease(lease_for(config.peer_timeout))
+        self.epoch = 0
+        self.granted = False  # the witness's vote for ``epoch`` is ours
+        self.peer_up = False
+        self.witness_up = False
+        self.serving_now = not self.enabled
+        self._vote: asyncio.Future[bool] | None = None
+        self._replies: dict[int, asyncio.Future[int]] = {}
+        self._next_rid = 1
+        self._last_request = float("-inf")
+        self._peer_epoch = 0
+        self._peer_heard = float("-inf")  # loop time the lost peer was last heard from
+        self.closing = False
+        self._task: asyncio.Task[None] | None = None
+        raw = store.read(STATE)
+        if raw:
+            try:
+                saved = json.loads(raw)
+                self.epoch, self.granted = int(saved["epoch"]), bool(saved["granted"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"quorum state {STATE} is damaged: {e}") from None
+
+    def start(self) -> None:
+        if not self.enabled:
+            log.warning("no witness configured: a node that loses its peer goes on alone after "
+                        "%g s, so a network partition leaves both nodes writing (split brain); "
+                        "set cluster.witness", self.config.peer_timeout)
+            return
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ events from links
+    def link_up(self, peer: str) -> None:
+        if peer == "witness":
+            self.witness_up = True
+        else:
+            self.peer_up = True
+
+    def link_lost(self, peer: str, last_heard: float) -> None:
+        """``last_heard``: loop time the link last received anything (t_r)."""
+        if peer == "witness":
+            self.witness_up = False
+            for fut in self._replies.values():
+                if not fut.done():
+                    fut.set_result(errno.ENOTCONN)
+        else:
+            # The lease stays: it is time, not the link, that ends it (the peer keeps its own
+            # until then too, and neither completes a write alone before the witness votes).
+            self.peer_up = False
+            self._peer_heard = last_heard
+
+    def heartbeat_answered(self, sent_ns: int) -> None:
+        """The peer answered a heartbeat this node sent at ``sent_ns`` (monotonic)."""
+        self.lease.renewed(sent_ns / 1e9)
+
+    def reply(self, request_id: int, status: int) -> bool:
+        fut = self._replies.pop(request_id, None)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_result(status)
+        return True
+
+    def peer_epoch(self, epoch: int) -> None:
+        """What the peer said its epoch is; adopted only once every LUN is in sync
+        (``peer_joined``): a node still behind must not learn it, so that it can never win
+        a vote against the node that holds the newer data."""
+        self._peer_epoch = epoch
+
+    # ------------------------------------------------------------------ decisions
+    def serving(self) -> bool:
+        if not self.enabled:
+            return True
+        return self.lease.valid(time.monotonic()) or self.granted
+
+    async def may_go_alone(self) -> bool:
+        """Whether this node may serve without its peer: the witness's vote for the next
+        epoch (or, restarting, for the epoch it already won).  One request at a time."""
+        if not self.enabled:
+            return True
+        if self.closing:
+            return False  # shutting down: nothing waits for an answer any more
+        if self._vote is None or self._vote.done():
+            self._vote = asyncio.ensure_future(self._request())
+        return await asyncio.shield(self._vote)
+
+    async def _request(self) -> bool:
+        epoch = self.epoch if self.granted else self.epoch + 1
+        self._last_request = time.monotonic()
+        deadline = time.monotonic() + self.config.peer_timeout
+        while not self.witness_up and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        rid = self._next_rid
+        self._next_rid += 1
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        if not self.send("witness", Control(0, ControlKind.VOTE, rid, epoch=epoch)):
+            self._replies.pop(rid, None)
+            log.error("no quorum: the witness is unreachable and node's peer is away")
+            return False
+        try:
+            status = await asyncio.wait_for(fut, self.config.peer_timeout)
+        except asyncio.TimeoutError:
+            status = errno.ETIMEDOUT
+        finally:
+            self._replies.pop(rid, None)
+        if status != 0:
+            log.error("no quorum: the witness refused its vote for epoch %d (%s): the other "
+                      "node has it, or the witness cannot be reached; serving nothing", epoch,
+                      errno.errorcode.get(status, status))
+            self.lease.drop()
+            self._evaluate()
+            return False
+        self.epoch, self.granted = epoch, True
+        await self._persist()
+        # The lost peer's lease may run until t_r + lease (mirror/quorum.py): a loss seen at
+        # once (a reset connection) must still wait that long before serving alone.
+        loop = asyncio.get_running_loop()
+        wait = self._peer_heard + self.lease.duration - loop.time()
+        if wait > 0:
+            self.granted = False
+            await asyncio.sleep(wait)
+            self.granted = True
+        log.warning("quorum: the witness's vote for epoch %d: this node serves without its "
+                    "peer", epoch)
+        self._evaluate()
+        return True
+
+    async def _persist(self) -> None:
+        data = json.dumps({"epoch": self.epoch, "granted": self.granted}).encode()
+        await self.run_blocking(self.store.write, STATE, data)
+
+    def peer_joined(self) -> None:
+        """Every mirrored LUN is in sync with the peer again: both share the newest epoch, and
+        the next loss asks the witness for a fresh one (a kept grant would let this node win
+        an epoch the peer may win too)."""
+        epoch = max(self.epoch, self._peer_epoch)
+        if (epoch, False) != (self.epoch, self.granted):
+            self.epoch, self.granted = epoch, False
+            asyncio.ensure_future(self._persist())
+
+    # ------------------------------------------------------------------ the watch
+    def _evaluate(self) -> None:
+        ok = self.serving()
+        if ok != self.serving_now:
+            self.serving_now = ok
+            log.log(logging.INFO if ok else logging.WARNING, "quorum %s",
+                    "held: serving" if ok else "lost: serving nothing (ALUA unavailable)")
+            self.on_change(ok)
+
+    async def _watch(self) -> None:
+        step = self.config.heartbeat_interval / 4
+        while True:
+            await asyncio.sleep(step)
+            self._evaluate()
+            if (not self.serving_now and not self.peer_up and self.witness_up
+                    and time.monotonic() - self._last_request > RETRY_INTERVAL
+                    and (self._vote is None or self._vote.done())):
+                self._vote = asyncio.ensure_future(self._request())
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "serving": self.serving_now, "epoch": self.epoch,
+                "witness_vote": self.granted, "witness": "up" if self.witness_up else "down",
+                "lease_s": round(max(0.0, self.lease.until - time.monotonic()), 2)}
