@@ -4,9 +4,10 @@ Theory of operation:
 - Files: ``<dir>/a.yaml`` and ``<dir>/b.yaml`` (rewritten on every run), ``<dir>/cluster.secret``
   (generated once, then reused), each node's data directory ``<dir>/a`` and ``<dir>/b`` with
   its own LUN file, and each node's output in ``<dir>/a.log`` and ``<dir>/b.log``.
-- Ports, from the base port P: iSCSI P and P+1, replication P+10 and P+11, metrics P+6210
-  and P+6211 (P = 3260 gives the usual 9470 and 9471).  All six are tried before anything is
-  written or started, so a busy port is refused up front (exit code 2).
+- Ports, from the base port P: iSCSI P and P+1, replication P+10 and P+11, the witness
+  P+20, metrics P+6210 and P+6211 (P = 3260 gives the usual 9470 and 9471).  All seven are
+  tried before anything is written or started, so a busy port is refused up front (exit
+  code 2).  The witness (``vsand witness``, state in ``<dir>/witness``) is the third vote.
 - Each node runs as ``python -m vsand run -c <file>`` in its own session: a terminal's Ctrl-C
   reaches only the demo, which then stops the nodes itself, by their PIDs.  On Linux a node
   also gets SIGTERM if the demo dies without cleaning up.
@@ -43,6 +44,7 @@ CLUSTER_ID: Final = "demo"
 NODE_NAMES: Final = ("a", "b")
 REPLICATION_OFFSET: Final = 10
 METRICS_OFFSET: Final = 6210  # base 3260 -> 9470, the metrics port vsand uses elsewhere
+WITNESS_OFFSET: Final = 20  # the witness (third vote) listens on P+20
 START_DEADLINE_S: Final = 30.0
 STOP_DEADLINE_S: Final = 15.0
 POLL_S: Final = 0.2
@@ -75,7 +77,7 @@ class DemoNode:
 def demo_ports(base_port: int) -> list[int]:
     """Every port the demo listens on, node a's before node b's for each kind."""
     return [base_port + offset + i for offset in (0, REPLICATION_OFFSET, METRICS_OFFSET)
-            for i in range(len(NODE_NAMES))]
+            for i in range(len(NODE_NAMES))] + [base_port + WITNESS_OFFSET]
 
 
 def demo_nodes(directory: str, base_port: int) -> tuple[DemoNode, ...]:
@@ -88,6 +90,14 @@ def demo_nodes(directory: str, base_port: int) -> tuple[DemoNode, ...]:
                  config_path=os.path.join(root, f"{name}.yaml"),
                  log_path=os.path.join(root, f"{name}.log"))
         for i, name in enumerate(NODE_NAMES))
+
+
+def _witness_node(root: str, base_port: int) -> DemoNode:
+    """The witness as the demo runs it: only its port, state directory and log matter."""
+    return DemoNode(name="witness", group=0, iscsi_port=base_port + WITNESS_OFFSET,
+                    replication_port=0, metrics_port=0,
+                    data_dir=os.path.join(root, "witness"), config_path="",
+                    log_path=os.path.join(root, "witness.log"))
 
 
 def node_config(node: DemoNode, nodes: Sequence[DemoNode], secret_file: str,
@@ -111,6 +121,7 @@ def node_config(node: DemoNode, nodes: Sequence[DemoNode], secret_file: str,
             "peer_timeout": 3,
             "heartbeat_interval": 0.5,
             "startup_wait": 10,
+            "witness": f"{HOST}:{nodes[0].iscsi_port + WITNESS_OFFSET}",
         },
         "metrics": {"listen": f"{HOST}:{node.metrics_port}"},
         "log_level": "info",
@@ -192,11 +203,11 @@ def _die_with_parent() -> Callable[[], None] | None:
 class _Node:
     """A running node process, started and ended by its own PID."""
 
-    def __init__(self, node: DemoNode, python: str) -> None:
+    def __init__(self, node: DemoNode, python: str, argv: list[str] | None = None) -> None:
         self.node = node
         self.reported = False  # its exit has been announced
         self._log: IO[bytes] = open(node.log_path, "wb")
-        argv = [python, "-m", "vsand", "run", "-c", node.config_path]
+        argv = argv or [python, "-m", "vsand", "run", "-c", node.config_path]
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -301,7 +312,9 @@ def how_to_connect(nodes: Sequence[DemoNode], size: str, directory: str) -> str:
         "  admin:   " + ", ".join(f"vsanctl -s {os.path.join(n.data_dir, 'vsand.sock')} status"
                                   for n in nodes),
         "",
-        "Ctrl-C stops both nodes.",
+        f"The witness (third vote) listens on {HOST}:{nodes[0].iscsi_port + WITNESS_OFFSET}: "
+        "a node that loses its peer serves on only with its vote.",
+        "Ctrl-C stops both nodes and the witness.",
     ]
     return "\n".join(lines)
 
@@ -344,13 +357,14 @@ def _serve(running: list[_Node], signals: _Signals) -> int:
             if rc is None or n.reported:
                 continue
             n.reported = True
-            survivors = [m.node for m in running if m.exited() is None]
+            survivors = [m.node for m in running
+                         if m.exited() is None and m.node.name in NODE_NAMES]
             _complain(f"node {n.node.name} stopped ({_exit_text(rc)}); last lines of "
                       f"{n.node.log_path}:\n{log_tail(n.node.log_path)}")
             if survivors:
                 _say("vsand demo: still serving through " +
                      ", ".join(f"node {m.name} ({m.url})" for m in survivors))
-        if all(n.reported for n in running):
+        if all(n.reported for n in running if n.node.name in NODE_NAMES):
             _complain("both nodes are gone; the demo ends")
             return 1
         time.sleep(POLL_S)
@@ -411,6 +425,14 @@ def run_demo(directory: str, *, base_port: int = 3260, size: str = "1GiB",
     try:
         with _Signals() as signals:
             try:
+                witness = _witness_node(root, base_port)
+                running.append(_Node(witness, python, [
+                    python, "-m", "vsand", "witness", "--cluster-id", CLUSTER_ID,
+                    "--nodes", ",".join(NODE_NAMES), "--listen", f"{HOST}:{witness.iscsi_port}",
+                    "--secret-file", os.path.join(root, "cluster.secret"),
+                    "--state-dir", witness.data_dir]))
+                _say(f"vsand demo: witness started, pid {running[-1].pid}, "
+                     f"log {witness.log_path}")
                 for node in nodes:
                     running.append(_Node(node, python))
                     _say(f"vsand demo: node {node.name} started, pid {running[-1].pid}, "

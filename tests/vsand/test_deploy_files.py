@@ -441,3 +441,46 @@ def test_two_node_examples_form_one_cluster(tmp_path: Path) -> None:
         assert {p.advertise_host for p in cfg.portals} == {cfg.cluster.node(cfg.node_name).host}
     assert dataclasses.replace(a, node_name="", portals=(), source="", cluster=None) == \
         dataclasses.replace(b, node_name="", portals=(), source="", cluster=None)
+
+
+def _exec_start(unit: Path) -> list[str]:
+    text = unit.read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return line.split("=", 1)[1].split()
+
+
+def test_witness_unit_starts_a_witness_that_answers(tmp_path: Path) -> None:
+    """The unit's own command line (paths moved to tmp_path), run for real."""
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+    argv = _exec_start(DEPLOY / "systemd" / "vsand-witness.service")
+    assert argv[:2] == ["/usr/local/bin/vsand", "witness"]
+    secret = tmp_path / "cluster.secret"
+    secret.write_text("a-generated-cluster-secret-for-the-test\n")
+    secret.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    swap = {"/etc/vsand/cluster.secret": str(secret), "0.0.0.0:3270": f"127.0.0.1:{port}",
+            "/var/lib/vsand-witness": str(tmp_path / "state")}
+    cmd = [sys.executable, "-m", "vsand", *[swap.get(a, a) for a in argv[1:]]]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NOTIFY_SOCKET": ""})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "the witness did not listen"
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "witness of cluster lab1 for nodes node-a, node-b" in err
