@@ -506,6 +506,7 @@ class ControlKind(enum.IntEnum):
     STATE = 3  # a node's replica state after a link came up; body = generations and bitmap
     INFO = 4  # a node's software version and shared-config digest (lun 0); body = JSON
     VOTE = 5  # node -> witness: its vote for ``epoch`` (lun 0); ACK status 0 or EPERM
+    DRILL = 6  # a failover drill: the receiver plays a hung node for ``value`` ms (lun 0)
 
 
 @dataclass(frozen=True, slots=True)

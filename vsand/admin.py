@@ -62,7 +62,7 @@ class AdminServer:
                     break
                 reply = self.handle(line)
                 if reply is None:
-                    reply = await self.reload()
+                    reply = await self._long(line)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
@@ -86,7 +86,7 @@ class AdminServer:
             cmd = req["cmd"] if isinstance(req, dict) else None
         except (ValueError, KeyError):
             return {"ok": False, "error": "a request is one JSON object with a \"cmd\" key"}
-        if cmd == "reload":
+        if cmd in ("reload", "drill"):
             return None  # asynchronous: see _client
         handler = {"status": self.status, "sessions": self.sessions, "luns": self.luns,
                    "alua": self.alua, "cluster": self.cluster,
@@ -140,6 +140,23 @@ class AdminServer:
             "mirrored_luns": {label: m["role"] for label, m in
                               d.cluster.status()["luns"].items()} if d.cluster else {},
         }
+
+    async def _long(self, line: bytes) -> dict[str, Any]:
+        req = json.loads(line)
+        if req["cmd"] == "reload":
+            return await self.reload()
+        c = self.daemon.cluster
+        if c is None:
+            return {"ok": False, "error": "this node is not part of a cluster"}
+        args = req.get("args", {})
+        if not args.get("consent"):
+            return {"ok": False, "error": "a drill overwrites the LUN's last 256 KiB while it "
+                                          "runs (saved first, restored after): consent needed"}
+        try:
+            result = await c.drill(str(args.get("lun", "")), float(args.get("seconds", 5)))
+        except (ValueError, KeyError, TimeoutError, OSError) as e:
+            return {"ok": False, "error": f"drill: {e}"}
+        return {"ok": True, "result": result}
 
     def cluster(self) -> dict[str, Any]:
         """Peers and the replication state of every mirrored LUN ({} when not clustered)."""

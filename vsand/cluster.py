@@ -24,12 +24,16 @@ from .metafiles import FileMetaStore
 from .mirror.handshake import LunInfo, NodeIdentity
 from . import __version__
 from .config import config_to_dict
-from .mirror.messages import Ack, Control, ControlKind, Heartbeat, HeartbeatAck, Message
+from .mirror.messages import (
+    Ack, Control, ControlKind, Heartbeat, HeartbeatAck, Message, PeerProtocolError,
+)
 from .peer import LinkState, PeerEndpoint, PeerLink
 from .quorum import QuorumKeeper
 from .replication import MirroredLun, Role
 
 log = logging.getLogger("vsand.cluster")
+
+MAX_DRILL_S = 600
 
 
 def shared_digest(config: Config) -> str:
@@ -150,6 +154,14 @@ class Cluster:
         if type(msg) is Control and msg.kind is ControlKind.INFO:
             self._peer_info(peer, msg.body)
             return
+        if type(msg) is Control and msg.kind is ControlKind.DRILL:
+            seconds = msg.value / 1000  # type: ignore[union-attr]
+            if not 0 < seconds <= MAX_DRILL_S:
+                raise PeerProtocolError(f"DRILL of {seconds:g} s")
+            log.warning("failover drill from node %s: playing a hung node for %g s", peer,
+                        seconds)
+            link.freeze(seconds)
+            return
         m = self.luns.get(getattr(msg, "lun", -1))
         if m is None or m.lun_id not in link.common_luns:
             log.debug("node %s: %s for a LUN not mirrored on this link", peer, msg.TYPE.name)
@@ -204,6 +216,13 @@ class Cluster:
         if not wait:
             m.start_verify()
         return {"lun": m.label, **(m.verify_status() or {})}
+
+    async def drill(self, lun: str, seconds: float) -> dict[str, Any]:
+        """``vsanctl drill``: see vsand/drill.py."""
+        from .drill import run_drill
+        if not 0 < seconds <= MAX_DRILL_S:
+            raise ValueError(f"seconds {seconds:g} (allowed: 0 < seconds <= {MAX_DRILL_S})")
+        return await run_drill(self, self._find(lun), seconds)
 
     def resolve(self, lun: str) -> dict[str, Any]:
         """``vsanctl resolve``: this node's data of LUN ``lun`` (its serial) survives."""

@@ -78,6 +78,37 @@ def _verify(args: argparse.Namespace) -> int:
     return 3 if args.wait and st["mismatches"] else 0
 
 
+def _drill(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print("vsanctl: a drill writes the LUN's last 256 KiB while it runs (saved first, "
+              "restored after); add --yes", file=sys.stderr)
+        return 2
+    print(f"drill on {args.lun}: verify, then the peer hangs for {args.seconds:g} s ...",
+          file=sys.stderr)
+    try:
+        r = request(args.socket, "drill", timeout=args.seconds * 4 + 600, lun=args.lun,
+                    seconds=args.seconds, consent=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"vsanctl: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{r['lun']}: peer {r['peer']} hung for {r['freeze_s']:g} s\n"
+              f"  verify before: {r['verify_before']['regions']} regions, "
+              f"{r['verify_before']['differ']} differ\n"
+              f"  RTO: longest write stall {r['stall_s']} s; {r['write_errors']} write "
+              f"error(s); {r['writes_acknowledged']} writes acknowledged\n"
+              f"  RPO: {r['lost_writes']} acknowledged write(s) lost\n"
+              f"  peer back in sync after {r['rejoin_s']} s (quorum epoch "
+              f"{r['quorum_epoch']})\n"
+              f"  verify after: {r['verify_after']['regions']} regions, "
+              f"{r['verify_after']['differ']} differ")
+    ok = (r["lost_writes"] == 0 and r["verify_before"]["differ"] == 0
+          and r["verify_after"]["differ"] == 0)
+    return 0 if ok else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsanctl", description="manage a running vsand")
     parser.add_argument("-s", "--socket", default=DEFAULT_SOCKET,
@@ -105,9 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
     v.add_argument("--wait", action="store_true", help="show progress until it ends; exit "
                    "status 3 when regions differ")
+    d = sub.add_parser("drill", help="failover drill: the peer plays a hung node; measures the "
+                       "I/O stall and lost writes, verifies the replicas before and after")
+    d.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
+    d.add_argument("--seconds", type=float, default=5.0, help="how long the peer hangs "
+                   "(default 5; more than the peer timeout, or nothing fails over)")
+    d.add_argument("--yes", action="store_true", help="required: the drill writes the LUN's "
+                   "last 256 KiB (saved before, restored after); writes of others there are lost")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "drill":
+        return _drill(args)
     extra: dict[str, Any] = {}
     if args.command == "alua":
         extra = {"target": args.target, "lun": args.lun, "state": args.state}

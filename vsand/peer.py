@@ -106,6 +106,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._settled = asyncio.Event()  # up, or closed before getting there
         self._down = asyncio.Event()  # closed (logically: no more messages either way)
         self._gone: asyncio.Future[None] = self._loop.create_future()  # socket closed
+        self._frozen = False  # a failover drill: silent until it drops the link
 
     # ---------------------------------------------------------------- identity
     @property
@@ -267,9 +268,24 @@ class PeerLink(asyncio.BufferedProtocol):
             log.warning("peer link %s: handshake failed: %s", self._name(), reason)
             self._lose(reason, goodbye=reason)
 
+    def freeze(self, seconds: float) -> None:
+        """A failover drill: behave as a hung node for ``seconds`` (read nothing, send nothing,
+        no heartbeats: the peer sees silence, as from a frozen process), then drop the
+        connection so that both ends reconnect afresh."""
+        if self.state is not LinkState.UP or self.transport is None:
+            return
+        log.warning("peer link %s: frozen for %g s (failover drill)", self._name(), seconds)
+        self._frozen = True
+        self._out.clear()
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
+        self.transport.pause_reading()
+        self._loop.call_later(seconds, self._lose, "failover drill over", None, True, True)
+
     def _heartbeat(self) -> None:
         self._beat = None
-        if self.state is not LinkState.UP:
+        if self.state is not LinkState.UP or self._frozen:
             return
         silent = self._loop.time() - self.last_rx
         if silent >= self.timeout:
@@ -295,6 +311,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._queue(msg)
 
     def _queue(self, msg: Message) -> None:
+        if self._frozen:
+            return
         self._out += encode(msg)
         if not self._flush_scheduled:
             self._flush_scheduled = True

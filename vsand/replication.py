@@ -82,6 +82,7 @@ RESYNC_CHUNK = 1 << 20
 RESYNC_IN_FLIGHT = 4
 RESYNC_MAX_RATE = 4 << 30  # bytes/s when the config sets no cap
 RESYNC_TARGET_LATENCY = 0.005  # mean foreground latency above which resync backs off
+FINAL_PASS_BYTES = 8 << 20  # copied with writes held at the end of a resync (~40 ms)
 VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
 _T = TypeVar("_T")
@@ -917,7 +918,10 @@ class MirroredLun:
         started, copied = time.monotonic(), self.resync_bytes
         while self.role is Role.SYNC_SOURCE and self.plan is plan \
                 and not self._stale(peer, gen, "the resync"):
-            for job in plan.next_jobs(loop.time()):
+            # Writes keep dirtying what was copied: once little is left, stop sweeping and
+            # copy the rest with new requests held (_join), or a hot region never converges.
+            closing = bm.dirty_bytes <= FINAL_PASS_BYTES
+            for job in ([] if closing else plan.next_jobs(loop.time())):
                 ops, ns = self.ops - seen_ops, self.ns - seen_ns
                 seen_ops, seen_ns = self.ops, self.ns
                 throttle.foreground(ops, ns / ops / 1e9 if ops else None, loop.time(),
@@ -929,7 +933,7 @@ class MirroredLun:
             if running:
                 _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            if not plan.finished:
+            if not plan.finished and not closing:
                 await asyncio.sleep(0.01)  # every dirty region has a pass running elsewhere
                 continue
             if await self._join(peer, plan, gen):
@@ -938,6 +942,29 @@ class MirroredLun:
                 log.info("%s: resync to node %s done: %d bytes in %.2f s (%.1f MiB/s)",
                          self.label, peer, n, dt, n / max(dt, 1e-6) / (1 << 20))
                 return
+
+    async def _final_pass(self, peer: str, gen: int) -> bool:
+        """Copy every region still dirty for ``peer``, nothing being written meanwhile."""
+        bm = self.bitmaps[peer]
+        bs = self.lun.block_size
+        for region in list(bm.dirty_regions()):
+            offset, length = bm.region_extent(region)
+            lba, blocks = offset // bs, length // bs
+            buf = await self.lun.apply_block(BlockRequest(BlockOp.READ, lba, blocks))
+            try:
+                rid = self._new_rid()
+                reply = self._expect(rid)
+                self.send(peer, wire.ResyncData(self.lun_id, rid, 0, lba, blocks, buf))
+                status = await asyncio.wait_for(reply, self.join_timeout)
+            except asyncio.TimeoutError:
+                status = errno.ETIMEDOUT
+            finally:
+                release_buffer(buf)
+            if status != 0 or self._stale(peer, gen, "the last resync pass"):
+                return False
+            self.resync_bytes += length
+            bm.clear(region)
+        return True
 
     async def _copy(self, peer: str, plan: ResyncPlan, job: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -964,13 +991,16 @@ class MirroredLun:
 
     @_serialized
     async def _join(self, peer: str, plan: ResyncPlan, gen: int) -> bool:
-        """The bitmap is empty: with new requests held, make the peer an in-sync replica."""
+        """Little or nothing left: with new requests held, copy what remains, then make the
+        peer an in-sync replica.  The hold lasts FINAL_PASS_BYTES of copying at most."""
         await self._pause()
         try:
-            if not plan.finished or self.plan is not plan:
+            if self.plan is not plan or self.bitmaps[peer].dirty_bytes > FINAL_PASS_BYTES:
                 return False
             if self._stale(peer, gen, "joining"):
                 return True
+            if not await self._final_pass(peer, gen):
+                return self._stale(peer, gen, "joining")
             after = self.gens.sync_finished(self.index[peer])
             rid = self._new_rid()
             reply = self._expect(rid)

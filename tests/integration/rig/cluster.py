@@ -5,7 +5,10 @@
 group per node), and reads each node's replication state over its admin socket.  Nodes are
 started, stopped, killed and restarted by name; every process is ended by its own PID.
 ``target_factory`` builds each node (``VsandTarget``'s arguments; default ``VsandTarget``),
-e.g. ``NetnsPair.vsand_target`` to run each node in its own network namespace.
+e.g. ``NetnsPair.vsand_target`` to run each node in its own network namespace.  With
+``witness=True`` a ``vsand witness`` runs too, on 127.0.0.1, or on ``witness_host`` inside
+network namespace ``witness_netns`` (started through ``ip netns exec``, its port probed from
+inside that namespace).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
+from .netns import netns_argv, wait_port_in_netns
 from .procs import DEFAULT_LUNS, HOST, LunSpec, VsandTarget, free_port, wait_port
 
 IN_SYNC_DEADLINE_S = 60.0
@@ -43,6 +47,8 @@ class VsandCluster:
         target_factory: Callable[..., VsandTarget] = VsandTarget,
         metrics: bool = False,
         witness: bool = False,
+        witness_host: str = HOST,
+        witness_netns: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +60,8 @@ class VsandCluster:
         nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"}
                      for n in names]
         self.witness = WitnessProcess(self.workdir / "witness", list(names), self.secret_path,
-                                      peer_timeout, heartbeat_interval) if witness else None
+                                      peer_timeout, heartbeat_interval, host=witness_host,
+                                      netns=witness_netns) if witness else None
         self.nodes: dict[str, VsandTarget] = {}
         self.metrics_ports = {n: free_port() for n in names} if metrics else {}
         for i, name in enumerate(names):
@@ -72,7 +79,7 @@ class VsandCluster:
                     "peer_timeout": peer_timeout,
                     "heartbeat_interval": heartbeat_interval,
                     "startup_wait": startup_wait,
-                    **({"witness": f"{HOST}:{self.witness.port}"} if self.witness else {}),
+                    **({"witness": f"{witness_host}:{self.witness.port}"} if self.witness else {}),
                 },
             }
             if metrics:
@@ -169,30 +176,53 @@ class VsandCluster:
             time.sleep(0.1)
 
     def wait_in_sync(self, deadline_s: float = IN_SYNC_DEADLINE_S) -> None:
+        """Every running node's LUNs in sync and, with a witness, every node serving (its
+        lease renewed: until then its paths are unavailable)."""
         self.wait_roles({n: "in-sync" for n, node in self.nodes.items() if node.running()},
                         deadline_s)
+        if self.witness is None:
+            return
+        end = time.monotonic() + deadline_s
+        while not all(self.admin(n, "cluster")["quorum"]["serving"]
+                      for n, node in self.nodes.items() if node.running()):
+            if time.monotonic() > end:
+                raise AssertionError(f"nodes not serving within {deadline_s:g} s")
+            time.sleep(0.05)
 
 
 class WitnessProcess:
-    """``python -m vsand witness`` on 127.0.0.1 and a free port; ended by its own PID."""
+    """``python -m vsand witness`` on ``host`` (127.0.0.1) and a free port, inside network
+    namespace ``netns`` if given (``ip netns exec`` execs it: the PID held is the witness's
+    own); ended by its own PID."""
 
     def __init__(self, workdir: Path, nodes: list[str], secret: Path, peer_timeout: float,
-                 heartbeat_interval: float) -> None:
+                 heartbeat_interval: float, *, host: str = HOST,
+                 netns: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.host = host
+        self.netns = netns
         self.argv = [sys.executable, "-m", "vsand", "witness", "--cluster-id", "test",
-                     "--nodes", ",".join(nodes), "--listen", f"{HOST}:{self.port}",
+                     "--nodes", ",".join(nodes), "--listen", f"{host}:{self.port}",
                      "--secret-file", str(secret), "--state-dir", str(self.workdir / "state"),
                      "--peer-timeout", str(peer_timeout), "--heartbeat-interval",
                      str(heartbeat_interval)]
+        if netns is not None:
+            self.argv = netns_argv(netns, self.argv)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.workdir / "witness.stderr"
 
     def start(self) -> None:
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=err)
-        wait_port(self.port, self.proc, deadline_s=20.0)
+        if self.netns is None:
+            wait_port(self.port, self.proc, deadline_s=20.0)
+        else:
+            wait_port_in_netns(self.netns, self.host, self.port, self.proc, deadline_s=20.0)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
