@@ -337,7 +337,7 @@ def _wait_ready(running: list[_Node], signals: _Signals) -> int | None:
                 return 1
             if n.node.name not in ready and port_open(n.node.iscsi_port):
                 ready.add(n.node.name)
-        if len(ready) == len(running):
+        if len(ready) == len(running) and _mirror_serving(running):
             return None
         if time.monotonic() > end:
             for n in running:
@@ -347,6 +347,24 @@ def _wait_ready(running: list[_Node], signals: _Signals) -> int | None:
                               f"last lines of {n.node.log_path}:\n{log_tail(n.node.log_path)}")
             return 1
         time.sleep(POLL_S)
+
+
+def _mirror_serving(running: list[_Node]) -> bool:
+    """Both nodes in sync and holding quorum: until then the LUN's paths are not usable."""
+    from .admin import request
+    for n in running:
+        if n.node.name not in NODE_NAMES:
+            continue
+        try:
+            st = request(os.path.join(n.node.data_dir, "vsand.sock"), "cluster", timeout=2)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        if not st:
+            continue  # not clustered (the demo's own tests run it so)
+        if not (st.get("quorum") or {}).get("serving") or any(
+                m["role"] != "in-sync" for m in st["luns"].values()):
+            return False
+    return True
 
 
 def _serve(running: list[_Node], signals: _Signals) -> int:
