@@ -86,7 +86,7 @@ FINAL_PASS_BYTES = 8 << 20  # copied with writes held at the end of a resync (~4
 VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
 _T = TypeVar("_T")
-_FRESH, _SURVIVOR = 0x1, 0x2  # CONTROL STATE value flags
+_FRESH, _SURVIVOR, _REPLY = 0x1, 0x2, 0x4  # CONTROL STATE value flags
 
 
 class Role(enum.Enum):
@@ -240,9 +240,9 @@ class MirroredLun:
         self.verify: VerifyPlan | None = None
         self.verify_task: asyncio.Task[None] | None = None
         self.verify_finished_unix: float | None = None
-        self._peer_state: dict[str, tuple[int, int, Generations, bytes]] = {}
-        self._exchanging: set[str] = set()  # peers with an exchange of states under way
-        self._sent: set[str] = set()  # ... of which this node's state has been sent
+        # Per peer, this node's pending request for the peer's state: (exchange id, future).
+        self._asked: dict[str, tuple[int, asyncio.Future[Any]]] = {}
+        self._incoming: set[str] = set()  # peers whose request for our state awaits answer
         self._linked: set[str] = set()  # peers whose link's first exchange has started
         # Bumped when a peer's link is lost: a decision or resync begun over the old link
         # must not act (or send) over the next one.
@@ -632,14 +632,21 @@ class MirroredLun:
                 gens = Generations.from_bytes(body[_STATE.size:_STATE.size + n])
             except ValueError as e:
                 raise wire.PeerProtocolError(f"CONTROL STATE generations: {e}") from None
-            self._peer_state[peer] = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
-            if peer in self._sent:
-                self._spawn(self._decide_locked(peer))
-            else:
-                # The peer started this exchange (its link came up first, or an operator chose
-                # there); ours, once sent, decides.
-                self._linked.add(peer)
-                self._start_exchange(peer)
+            state = (msg.epoch, msg.value, gens, body[_STATE.size + n:])
+            xid = msg.request_id
+            if msg.value & _REPLY:
+                waiting = self._asked.get(peer)
+                if waiting is not None and waiting[0] == xid and not waiting[1].done():
+                    waiting[1].set_result(state)
+                return  # else a reply to an exchange given up: ignored
+            mine = self._asked.get(peer)
+            if mine is not None and not mine[1].done():
+                if self.node < peer:
+                    return  # both asked at once: the lower node's exchange goes on
+                mine[1].set_result(None)  # ours gives way; answer theirs
+            self._linked.add(peer)
+            self._incoming.add(peer)
+            self._spawn(self._answer(peer, xid, state, self._link_gen.get(peer, 0)))
         elif kind is wire.ControlKind.SYNC_BEGIN:
             self._spawn(self._sync_begin(peer, msg))
         elif kind is wire.ControlKind.JOIN:
@@ -662,12 +669,11 @@ class MirroredLun:
 
     def peer_lost(self, peer: str) -> None:
         self._link_gen[peer] = self._link_gen.get(peer, 0) + 1
-        if peer in self._sent:
-            self._unpause()  # the exchange holding requests back will not finish
-        self._exchanging.discard(peer)
-        self._sent.discard(peer)
         self._linked.discard(peer)
-        self._peer_state.pop(peer, None)
+        self._incoming.discard(peer)
+        asked = self._asked.pop(peer, None)
+        if asked is not None and not asked[1].done():
+            asked[1].set_result(None)
         self.peer_roles.pop(peer, None)
         for rid, fut in list(self._replies.items()):
             if not fut.done():
@@ -690,106 +696,120 @@ class MirroredLun:
         for peer in peers:
             self._start_exchange(peer)
 
+    # ------------------------------------------------------------------ exchange of states
+    # One node asks (STATE, a fresh exchange id), the other answers (STATE with the REPLY flag
+    # and the same id); each sends its state with new requests held and every request in
+    # flight finished, and keeps holding them until it has decided on the pair.  Both decide
+    # on the same two states, so they decide the same.  Two nodes asking at once: the lower
+    # node's exchange goes on, the other gives way and answers it.
     def _start_exchange(self, peer: str) -> None:
-        """One exchange of states with ``peer`` at a time: each side sends its state once and
-        decides once, whoever started."""
-        if peer not in self._exchanging:
-            self._exchanging.add(peer)
-            self._spawn(self._exchange_state(peer, self._link_gen.get(peer, 0)))
+        self._spawn(self._ask(peer, self._link_gen.get(peer, 0)))
 
-    async def _exchange_state(self, peer: str, gen: int) -> None:
-        async with self._transition:
-            if self._link_gen.get(peer, 0) != gen:
-                return  # the link went away while this waited
-            try:
-                await self._pause(timeout=self.join_timeout)
-            except asyncio.TimeoutError:
-                # Requests in flight wait for something this exchange cannot give: let them
-                # finish (or their peer be declared lost) and try again.
-                log.warning("%s: requests in flight did not drain in %g s; state exchange "
-                            "with node %s retried", self.label, self.join_timeout, peer)
-                self._exchanging.discard(peer)
-                self._unpause()
-                self._spawn(self._retry_exchange(peer))
-                return
-            await self._exchange_state_paused(peer)
-
-    async def _retry_exchange(self, peer: str) -> None:
-        await asyncio.sleep(1.0)
-        if peer in self._linked:
-            self._start_exchange(peer)
-
-    async def _exchange_state_paused(self, peer: str) -> None:
-        try:
-            body = self.gens.to_bytes()
-            state = _STATE.pack(len(body)) + body + self.bitmaps[peer].to_bytes()
-            flags = (_FRESH if self.fresh else 0) | (_SURVIVOR if self.survivor else 0)
-            if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, 0,
-                                                self.epoch, flags, state)):
-                self._exchanging.discard(peer)
-                self._unpause()
-                return
-            self._sent.add(peer)
-            if peer in self._peer_state:
-                await self._decide(peer)
-        except BaseException:
-            self._exchanging.discard(peer)
-            self._sent.discard(peer)
-            self._unpause()
-            raise
+    def _my_state(self, peer: str, reply: bool) -> tuple[bytes, int]:
+        body = self.gens.to_bytes()
+        flags = ((_FRESH if self.fresh else 0) | (_SURVIVOR if self.survivor else 0)
+                 | (_REPLY if reply else 0))
+        return _STATE.pack(len(body)) + body + self.bitmaps[peer].to_bytes(), flags
 
     @_serialized
-    async def _decide_locked(self, peer: str) -> None:
-        await self._decide(peer)
-
-    async def _decide(self, peer: str) -> None:
-        """Both states known: both nodes reach the same decision (``decide`` is symmetric)."""
-        if peer not in self._sent:
-            return  # ours is not out yet (a new link's exchange): its sender decides
-        state = self._peer_state.pop(peer, None)
-        if state is None:
+    async def _ask(self, peer: str, gen: int) -> None:
+        if self._stale(peer, gen, "asking for the state") or peer in self._incoming:
+            return  # the peer's own request, queued behind this, is answered instead
+        if not await self._hold():
+            self._spawn(self._retry_exchange(peer, gen))
             return
+        if peer in self._incoming:  # its request came while ours waited: answer that
+            self._unpause()
+            return
+        try:
+            xid = self._new_rid()
+            got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._asked[peer] = (xid, got)
+            state, flags = self._my_state(peer, reply=False)
+            if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, xid,
+                                                self.epoch, flags, state)):
+                return
+            try:
+                theirs = await asyncio.wait_for(asyncio.shield(got), 2 * self.join_timeout)
+            except asyncio.TimeoutError:
+                theirs = None
+                log.warning("%s: node %s did not answer the state exchange; retried",
+                            self.label, peer)
+                self._spawn(self._retry_exchange(peer, gen))
+            if theirs is not None and not self._stale(peer, gen, "the state exchange"):
+                await self._decide(peer, theirs, gen)
+        finally:
+            if self._asked.get(peer, (None,))[0] == xid:
+                del self._asked[peer]
+            self._unpause()
+
+    @_serialized
+    async def _answer(self, peer: str, xid: int, theirs: Any, gen: int) -> None:
+        self._incoming.discard(peer)
+        if self._stale(peer, gen, "answering the state exchange"):
+            return
+        if not await self._hold():
+            return  # the asker times out and asks again
+        try:
+            state, flags = self._my_state(peer, reply=True)
+            if self.send(peer, wire.Control(self.lun_id, wire.ControlKind.STATE, xid,
+                                            self.epoch, flags, state)):
+                await self._decide(peer, theirs, gen)
+        finally:
+            self._unpause()
+
+    async def _hold(self) -> bool:
+        """Hold new requests and let those in flight finish; False (released) if they do
+        not within the join timeout: they wait for something an exchange cannot give."""
+        try:
+            await self._pause(timeout=self.join_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: requests in flight did not finish in %g s; state exchange "
+                        "postponed", self.label, self.join_timeout)
+            self._unpause()
+            return False
+        return True
+
+    async def _retry_exchange(self, peer: str, gen: int) -> None:
+        await asyncio.sleep(1.0)
+        if peer in self._linked and not self._stale(peer, gen, "a retried state exchange"):
+            self._start_exchange(peer)
+
+    async def _decide(self, peer: str, state: Any, gen: int) -> None:
+        """Both states known: both nodes reach the same decision (``decide`` is symmetric)."""
         peer_epoch, flags, peer_gens, peer_bitmap = state
         peer_fresh, peer_survivor = bool(flags & _FRESH), bool(flags & _SURVIVOR)
-        gen = self._link_gen.get(peer, 0)
-        try:
-            d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
-            outcome = d.outcome
-            if outcome in _UNDECIDED and self.survivor != peer_survivor:
-                outcome = Outcome.LOCAL_IS_SOURCE if self.survivor else Outcome.PEER_IS_SOURCE
-                d = Decision(outcome, SyncKind.FULL, "operator's choice")
-            elif outcome is Outcome.NO_SOURCE and self.fresh and peer_fresh:
-                # Two never-written sparse files hold the same zeroes: one generation for both,
-                # derived from what both know, so that neither needs to tell the other.
-                seed = hashlib.sha256(f"{self.cluster_id}/{self.lun.unit.params.serial}"
-                                      .encode()).digest()
-                self.gens = self.gens.adopt_current(int.from_bytes(seed[:8], "big") or 1)
-                outcome = Outcome.IN_SYNC
-            self.last_decision = f"{outcome.value} ({d.sync.value}, rule {d.rule})"
-            log.info("%s: node %s: %s", self.label, peer, self.last_decision)
-            if outcome is Outcome.IN_SYNC:
-                self.gens = self.gens.sync_finished(self.index[peer])
-                await self._persist_gens()
-                self.bitmaps[peer].clear_all()
-                await self._flush_bitmaps()
-                if not self._stale(peer, gen, "joining"):
-                    self._start_epoch(max(self.epoch, peer_epoch) + 1, peer)
-            elif outcome is Outcome.LOCAL_IS_SOURCE:
-                await self._begin_source(peer, d.sync, peer_bitmap, gen)
-            elif outcome is Outcome.PEER_IS_SOURCE:
-                self._set_role(Role.SYNC_TARGET, f"node {peer} is the resync source")
-            else:
-                log.error("%s: node %s and this node hold diverged or unrelated data (%s); "
-                          "replication stays off until an operator picks the survivor",
-                          self.label, peer, self.last_decision)
-                if self.role is not Role.SPLIT_BRAIN:
-                    self.role = Role.SPLIT_BRAIN
-        finally:
-            if self._link_gen.get(peer, 0) == gen:  # else they belong to the next link's
-                # The next exchange (an operator's choice) may start.
-                self._exchanging.discard(peer)
-                self._sent.discard(peer)
-            self._unpause()
+        d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
+        outcome = d.outcome
+        if outcome in _UNDECIDED and self.survivor != peer_survivor:
+            outcome = Outcome.LOCAL_IS_SOURCE if self.survivor else Outcome.PEER_IS_SOURCE
+            d = Decision(outcome, SyncKind.FULL, "operator's choice")
+        elif outcome is Outcome.NO_SOURCE and self.fresh and peer_fresh:
+            # Two never-written sparse files hold the same zeroes: one generation for both,
+            # derived from what both know, so that neither needs to tell the other.
+            seed = hashlib.sha256(f"{self.cluster_id}/{self.lun.unit.params.serial}"
+                                  .encode()).digest()
+            self.gens = self.gens.adopt_current(int.from_bytes(seed[:8], "big") or 1)
+            outcome = Outcome.IN_SYNC
+        self.last_decision = f"{outcome.value} ({d.sync.value}, rule {d.rule})"
+        log.info("%s: node %s: %s", self.label, peer, self.last_decision)
+        if outcome is Outcome.IN_SYNC:
+            self.gens = self.gens.sync_finished(self.index[peer])
+            await self._persist_gens()
+            self.bitmaps[peer].clear_all()
+            await self._flush_bitmaps()
+            if not self._stale(peer, gen, "joining"):
+                self._start_epoch(max(self.epoch, peer_epoch) + 1, peer)
+        elif outcome is Outcome.LOCAL_IS_SOURCE:
+            await self._begin_source(peer, d.sync, peer_bitmap, gen)
+        elif outcome is Outcome.PEER_IS_SOURCE:
+            self._set_role(Role.SYNC_TARGET, f"node {peer} is the resync source")
+        else:
+            log.error("%s: node %s and this node hold diverged or unrelated data (%s); "
+                      "replication stays off until an operator picks the survivor",
+                      self.label, peer, self.last_decision)
+            if self.role is not Role.SPLIT_BRAIN:
+                self.role = Role.SPLIT_BRAIN
 
     def _start_epoch(self, epoch: int, peer: str) -> None:
         members = {self.node, peer}
