@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .lun import HIST_BUCKETS
+from .protocol.scsi import alua
 
 # Upper bounds of the latency buckets, in seconds: bucket i holds requests under 2**i * 1024 ns.
 _BOUNDS = [f"{(1 << i) * 1024e-9:.9g}" for i in range(HIST_BUCKETS - 1)] + ["+Inf"]
@@ -63,6 +64,9 @@ class VsandCollector(Collector):
                                    labels=labels + ["op"])
         errors = CounterMetricFamily("vsand_lun_errors", "block requests failed", labels=labels)
         size = GaugeMetricFamily("vsand_lun_size_bytes", "LUN capacity", labels=labels)
+        alua_state = GaugeMetricFamily("vsand_lun_alua_state", "ALUA access state of the LUN "
+                                       "at this node (1 for the current one)",
+                                       labels=labels + ["state"])
         latency = HistogramMetricFamily("vsand_lun_latency_seconds",
                                         "block request latency at the backend (and, for "
                                         "mirrored LUNs, the replicas)", labels=labels + ["op"])
@@ -79,6 +83,9 @@ class VsandCollector(Collector):
                 secs.add_metric(lv + ["other"], lun.other_ns / 1e9)
                 errors.add_metric(lv, lun.errors)
                 size.add_metric(lv, lun.unit.params.blocks * lun.unit.params.block_size)
+                for state_name, code in alua.STATES.items():
+                    alua_state.add_metric(lv + [state_name],
+                                          1 if lun.unit.alua_state == code else 0)
                 for op, hist, total in (("read", lun.read_hist, lun.read_ns),
                                         ("write", lun.write_hist, lun.write_ns)):
                     latency.add_metric(lv + [op], _buckets(list(hist)), total / 1e9)
@@ -87,6 +94,7 @@ class VsandCollector(Collector):
         yield secs
         yield errors
         yield size
+        yield alua_state
         yield latency
         if d.cluster is not None:
             yield from _cluster_metrics(d.cluster.status(), d.cluster.luns.values())
@@ -111,6 +119,18 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
     yield peer_up
     yield rtt
     yield drift
+    q = status.get("quorum")
+    if q is not None:
+        serving = GaugeMetricFamily("vsand_quorum_serving", "1 while this node holds quorum "
+                                    "(its peer's lease or the witness's vote) and may serve")
+        serving.add_metric([], 1 if q["serving"] else 0)
+        epoch = GaugeMetricFamily("vsand_quorum_epoch", "the cluster epoch this node knows")
+        epoch.add_metric([], q["epoch"])
+        witness = GaugeMetricFamily("vsand_witness_up", "1 while the link to the witness is "
+                                    "up (absent without a witness)")
+        if q["enabled"]:
+            witness.add_metric([], 1 if q["witness"] == "up" else 0)
+        yield from (serving, epoch, witness)
     role = GaugeMetricFamily("vsand_mirror_state", "replication role of this replica (1 for "
                              "the current one)", labels=["lun", "state"])
     replicas = GaugeMetricFamily("vsand_mirror_in_sync_replicas", "replicas a write reaches "

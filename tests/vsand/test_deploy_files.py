@@ -57,10 +57,14 @@ def _fake_daemon() -> Any:
         lun=lun, ops=3, errors=0, ns=3000, hist=[0, 3] + [0] * 62,
         status=lambda: {"role": "in-sync", "in_sync": ["node-a", "node-b"],
                         "dirty_bytes": {"node-b": 0}, "resync_bytes": 0,
-                        "resync_remaining_bytes": 0, "epoch": 2, "in_flight": 0})
+                        "resync_remaining_bytes": 0, "epoch": 2, "in_flight": 0,
+                        "verify": {"regions_checked": 8, "mismatches": 0,
+                                   "finished_unix": 1.0e9}})
     cluster = SimpleNamespace(
         luns={1: mirror},
-        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": []}}})
+        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": []}},
+                        "quorum": {"serving": True, "epoch": 3, "enabled": True,
+                                   "witness": "up"}})
     return SimpleNamespace(config=SimpleNamespace(node_name="node-a"), registry=registry,
                            cluster=cluster)
 
@@ -238,6 +242,8 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
     "interval": "1m",
     "input_series": [
         {"series": f'vsand_peer_up{{{J}, {I}, peer="n2"}}', "values": "1 0x10"},
+        {"series": f'vsand_quorum_serving{{{J}, {I}}}', "values": "1 0x5"},
+        {"series": f'vsand_mirror_verify_mismatches{{{J}, {I}, {M}}}', "values": "0 0 2x5"},
         {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="config"}}',
          "values": "1x20"},
         {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="version"}}',
@@ -273,6 +279,14 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
                                         "lun": "S1", "state": "connecting",
                                         "severity": "warning"}}]},
+        {"eval_time": "1m", "alertname": "VsandNoQuorum", "exp_alerts": []},
+        {"eval_time": "3m", "alertname": "VsandNoQuorum",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
+                                        "severity": "critical"}}]},
+        {"eval_time": "1m", "alertname": "VsandVerifyMismatch", "exp_alerts": []},
+        {"eval_time": "3m", "alertname": "VsandVerifyMismatch",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "lun": "S1",
+                                        "severity": "critical"}}]},
         {"eval_time": "5m", "alertname": "VsandPeerDrift", "exp_alerts": []},
         {"eval_time": "15m", "alertname": "VsandPeerDrift",
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "peer": "n2",
