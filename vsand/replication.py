@@ -913,10 +913,7 @@ class MirroredLun:
         self._spawn(self._resync(peer, reply, gen))
 
     async def _resync(self, peer: str, begun: asyncio.Future[int], gen: int) -> None:
-        try:
-            status = await asyncio.wait_for(begun, self.join_timeout)
-        except asyncio.TimeoutError:
-            status = errno.ETIMEDOUT
+        status = await self._answer_of(begun)
         if status != 0:
             log.warning("%s: node %s did not start the resync (%s)", self.label, peer,
                         errno.errorcode.get(status, status))
@@ -975,9 +972,7 @@ class MirroredLun:
                 rid = self._new_rid()
                 reply = self._expect(rid)
                 self.send(peer, wire.ResyncData(self.lun_id, rid, 0, lba, blocks, buf))
-                status = await asyncio.wait_for(reply, self.join_timeout)
-            except asyncio.TimeoutError:
-                status = errno.ETIMEDOUT
+                status = await self._answer_of(reply)
             finally:
                 release_buffer(buf)
             if status != 0 or self._stale(peer, gen, "the last resync pass"):
@@ -1030,10 +1025,7 @@ class MirroredLun:
             self._start_epoch(epoch, peer)
             self.send(peer, wire.Control(self.lun_id, wire.ControlKind.JOIN, rid, epoch, 0,
                                          after.to_bytes()))
-            try:
-                status = await asyncio.wait_for(reply, self.join_timeout)
-            except asyncio.TimeoutError:
-                status = errno.ETIMEDOUT
+            status = await self._answer_of(reply)
             if status != 0:
                 log.warning("%s: node %s did not join (%s)", self.label, peer,
                             errno.errorcode.get(status, status))
@@ -1180,6 +1172,13 @@ class MirroredLun:
         rid = self._req_base | self._next_req
         self._next_req += 1
         return rid
+
+    async def _answer_of(self, reply: asyncio.Future[int]) -> int:
+        """The peer's status for a request (ETIMEDOUT if it does not come in time)."""
+        try:
+            return await asyncio.wait_for(reply, self.join_timeout)
+        except asyncio.TimeoutError:
+            return errno.ETIMEDOUT
 
     def _expect(self, rid: int) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
