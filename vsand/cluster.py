@@ -82,6 +82,7 @@ class Cluster:
                             resync_rate=cc.resync_rate, join_timeout=2 * cc.peer_timeout)
             m.may_go_alone = quorum.may_go_alone
             m.on_in_sync = self._lun_in_sync
+            m.drop_link = self._drop_link
             await m.attach()
             m.set_quorum(quorum.serving_now)
             self.luns[lc.mirror_id] = m
@@ -195,6 +196,12 @@ class Cluster:
             return
         for m in self.luns.values():
             m.peer_lost(peer)
+
+    def _drop_link(self, peer: str, reason: str) -> None:
+        link = self.endpoint.links.get(peer) if self.endpoint is not None else None
+        if link is not None:
+            log.error("closing the link to node %s: %s", peer, reason)
+            link.close(reason)
 
     def _quorum_changed(self, ok: bool) -> None:
         for m in self.luns.values():

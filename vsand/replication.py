@@ -221,6 +221,7 @@ class MirroredLun:
         self.quorum_ok = True
         self.may_go_alone: Callable[[], Awaitable[bool]] | None = None
         self.on_in_sync: Callable[[str], None] | None = None
+        self.drop_link: Callable[[str, str], None] | None = None
         self.resync_bytes = 0  # copied as source, for the status and the tests
         # Requests through submit (data-changing, on every in-sync replica): plain ints for
         # the metrics collector; histogram bucket i counts requests under 2**i * 1024 ns.
@@ -511,6 +512,13 @@ class MirroredLun:
                 local.error = e
             else:
                 self._apply_errors[action.seq] = e.errno or errno.EIO
+                if req.op not in _READS_ONLY and self.drop_link is not None:
+                    # The origin has (or will have) this write and this replica has not:
+                    # leave the in-sync set, so that the origin tracks the region for a
+                    # resync rather than both sides believing they hold the same data.
+                    for peer in self.peers:
+                        self.drop_link(peer, f"{self.label}: a replicated write failed "
+                                             f"here: {e}")
         finally:
             self._applying -= 1
         self._run(engine, engine.applied(action.seq))
@@ -568,8 +576,15 @@ class MirroredLun:
         elif isinstance(msg, wire.Ack):
             if msg.status:
                 local = self._locals.get(msg.request_id)
-                if local is not None and local.error is None:
-                    local.error = OSError(msg.status, f"node {peer}: {errno.errorcode.get(msg.status, msg.status)}")
+                if local is not None:
+                    # The peer lacks what this node applied: keep the region for its resync
+                    # (the peer drops the link and leaves the in-sync set).
+                    off, length = self._bytes(local.req)
+                    if length:
+                        self.bitmaps[peer].mark(off, length)
+                    if local.error is None:
+                        why = errno.errorcode.get(msg.status, msg.status)
+                        local.error = OSError(msg.status, f"node {peer}: {why}")
             actions = engine.receive(peer, Ack(msg.seq, msg.request_id, peer))
         else:
             origin = self._origin(msg.request_id)

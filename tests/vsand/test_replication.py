@@ -391,3 +391,38 @@ async def test_preempt_and_abort_at_one_node_aborts_at_the_other(pair: Any) -> N
     assert r.status == Status.GOOD, r
     assert aborted == [{nb}]
     assert a.lun.unit.pr.to_bytes() == b.lun.unit.pr.to_bytes()
+
+
+async def test_a_write_that_fails_at_the_replica_takes_it_out_of_sync(pair: Any) -> None:
+    """b's backend refuses a replicated write: b leaves the in-sync set (here: drops the
+    link) so that a tracks the region, and the resync that follows makes them equal."""
+    a, b, wire = pair
+    dropped: list[str] = []
+    b.drop_link = lambda peer, why: dropped.append(peer)
+    real = b.lun.backend
+
+    class Refusing:  # the replica's disk refuses writes at one offset
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def try_write(self, offset: int, data: Any) -> bool:
+            if offset == 4096 * BS:
+                raise OSError(errno.ENOSPC, "no space left on the replica")
+            return bool(real.try_write(offset, data))
+
+        async def write(self, offset: int, data: Any, fua: bool = False) -> None:
+            if offset == 4096 * BS:
+                raise OSError(errno.ENOSPC, "no space left on the replica")
+            await real.write(offset, data, fua)
+
+    b.lun.backend = Refusing()  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        await a.lun.execute_block(_write(4096, 8, 7))
+    assert dropped == ["a"]
+    b.lun.backend = real
+    wire.cut()
+    await _until(lambda: a.role is Role.DEGRADED and b.role is Role.DEGRADED)
+    assert a.bitmaps["b"].is_dirty(4096 * BS, 8 * BS)
+    wire.connect()
+    await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+    assert _digest(a) == _digest(b)
