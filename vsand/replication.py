@@ -211,7 +211,6 @@ class MirroredLun:
         self.plan: ResyncPlan | None = None
         self.plan_peer = ""
         self.throttle: ResyncThrottle | None = None
-        self.peer_roles: dict[str, str] = {}
         self.survivor = False  # an operator chose this replica's data over diverged peers
         # Set by the daemon: abort this node's commands of nexuses a PREEMPT AND ABORT
         # applied through the mirror preempted.
@@ -689,7 +688,6 @@ class MirroredLun:
         asked = self._asked.pop(peer, None)
         if asked is not None and not asked[1].done():
             asked[1].set_result(None)
-        self.peer_roles.pop(peer, None)
         for rid, fut in list(self._replies.items()):
             if not fut.done():
                 fut.set_result(errno.ENOTCONN)
