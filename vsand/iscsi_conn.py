@@ -109,6 +109,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         self.last_rx = time.monotonic()
+        gate = self.registry.gate
+        if gate is not None:
+            gate()
         reader = self.reader
         try:
             while not self.closing:

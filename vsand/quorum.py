@@ -9,6 +9,12 @@ stops serving reads as well as writes (its ALUA state turns unavailable).  A ref
 asks again every few seconds while its peer stays away: if the peer never got the vote (the
 witness was down when they lost each other), the next request may succeed.
 
+A node that lost its peer counts no lease from it again until every LUN is in sync with it
+(``peer_joined``): the new link's heartbeats would otherwise let it serve its old data while
+its LUNs still wait for the witness's refusal.  And since a stopped or starved process cannot
+notice its lease running out, the connections call ``check`` before executing what they
+received, so that commands that waited in a socket meet the fence, not the old ALUA state.
+
 Without a configured witness there is no third vote: the node trusts its peer timeout alone
 (the behaviour of earlier versions), and says so at start.
 """
@@ -57,6 +63,12 @@ class QuorumKeeper:
         self._last_request = float("-inf")
         self._peer_epoch = 0
         self._peer_heard = float("-inf")  # loop time the lost peer was last heard from
+        # Once the peer has been lost, its answers renew nothing until every LUN is in sync
+        # with it again (``peer_joined``): a node that was cut off (or paused) and comes back
+        # must not serve its old data on a lease from the new link while its LUNs still wait
+        # for the witness's refusal.  The newest answer is kept for the moment it joins.
+        self._peer_lost = False
+        self._answered_while_lost = float("-inf")
         self.closing = False
         self._task: asyncio.Task[None] | None = None
         raw = store.read(STATE)
@@ -100,10 +112,14 @@ class QuorumKeeper:
             # until then too, and neither completes a write alone before the witness votes).
             self.peer_up = False
             self._peer_heard = last_heard
+            self._peer_lost = True
 
     def heartbeat_answered(self, sent_ns: int) -> None:
         """The peer answered a heartbeat this node sent at ``sent_ns`` (monotonic)."""
-        self.lease.renewed(sent_ns / 1e9)
+        if self._peer_lost:
+            self._answered_while_lost = max(self._answered_while_lost, sent_ns / 1e9)
+        else:
+            self.lease.renewed(sent_ns / 1e9)
 
     def reply(self, request_id: int, status: int) -> bool:
         fut = self._replies.pop(request_id, None)
@@ -124,6 +140,13 @@ class QuorumKeeper:
         if not self.enabled:
             return True
         return self.lease.valid(time.monotonic()) or self.granted
+
+    def check(self) -> None:
+        """Called before commands are executed: a lease that ran out while this node could
+        not notice (a stopped process, a starved event loop) fences the LUNs now, before the
+        commands that waited in the sockets meanwhile are answered."""
+        if self.serving_now and not self.granted and not self.lease.valid(time.monotonic()):
+            self._evaluate()
 
     async def may_go_alone(self) -> bool:
         """Whether this node may serve without its peer: the witness's vote for the next
@@ -186,10 +209,14 @@ class QuorumKeeper:
         """Every mirrored LUN is in sync with the peer again: both share the newest epoch, and
         the next loss asks the witness for a fresh one (a kept grant would let this node win
         an epoch the peer may win too)."""
+        if self._peer_lost:
+            self._peer_lost = False
+            self.lease.renewed(self._answered_while_lost)
         epoch = max(self.epoch, self._peer_epoch)
         if (epoch, False) != (self.epoch, self.granted):
             self.epoch, self.granted = epoch, False
             asyncio.ensure_future(self._persist())
+        self._evaluate()
 
     # ------------------------------------------------------------------ the watch
     def _evaluate(self) -> None:

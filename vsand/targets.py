@@ -187,6 +187,8 @@ class TargetRegistry:
         self.connections: set[Connection] = set()
         self.discovery_auth = discovery_auth or AuthPolicy()
         self.crc32c: Callable[..., int] = crc32c_function()
+        # Run before each batch of received PDUs is executed (the quorum's lease check).
+        self.gate: Callable[[], None] | None = None
 
     def abort_tasks(self, lun: Lun, nexuses: set[str], spare: Task | None = None) -> None:
         """End the commands of ``nexuses`` on ``lun`` (PREEMPT AND ABORT, here or applied
