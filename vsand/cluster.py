@@ -83,8 +83,9 @@ class Cluster:
             m.may_go_alone = quorum.may_go_alone
             m.on_in_sync = self._lun_in_sync
             m.drop_link = self._drop_link
+            m.on_storage_failure = quorum.step_aside
             await m.attach()
-            m.set_quorum(quorum.serving_now)
+            m.set_quorum(quorum.serving_now, quorum.fenced)
             self.luns[lc.mirror_id] = m
         identity = NodeIdentity(cc.cluster_id, self.node, tuple(
             LunInfo(m.lun_id, m.lun.unit.params.serial, m.lun.block_size,
@@ -101,6 +102,7 @@ class Cluster:
                  ", ".join(f"{p.name} ({p.host}:{p.port})" for p in peers))
         for p in dial:
             endpoint.connect(p.name, p.host, p.port)
+        quorum.on_epoch = self._epoch_moved
         quorum.start()
         self._startup = asyncio.get_running_loop().call_later(cc.startup_wait,
                                                               self._startup_over)
@@ -131,13 +133,25 @@ class Cluster:
         self.quorum.link_up(peer)
         if peer == "witness":
             return
-        info = json.dumps({"version": __version__, "config_digest": self.digest,
-                           "epoch": self.quorum.epoch}).encode()
-        link.send(Control(0, ControlKind.INFO, 0, body=info))
+        self._send_info(peer)
+        if not self.luns:
+            self.quorum.peer_joined()  # nothing to be in sync for
         for lun_id in link.common_luns:
             m = self.luns.get(lun_id)
             if m is not None:
                 m.link_up(peer)
+
+    def _send_info(self, peer: str) -> None:
+        """This node's version, shared-config digest and epoch, at link up and whenever the
+        epoch moves while linked (the peer adopts it once every LUN is in sync)."""
+        assert self.quorum is not None
+        info = json.dumps({"version": __version__, "config_digest": self.digest,
+                           "epoch": self.quorum.epoch}).encode()
+        self.send(peer, Control(0, ControlKind.INFO, 0, body=info))
+
+    def _epoch_moved(self, epoch: int) -> None:
+        for p in self.config.peers(self.node):
+            self._send_info(p.name)
 
     def _message(self, link: PeerLink, msg: Message) -> None:
         peer = link.peer_id
@@ -203,9 +217,9 @@ class Cluster:
             log.error("closing the link to node %s: %s", peer, reason)
             link.close(reason)
 
-    def _quorum_changed(self, ok: bool) -> None:
+    def _quorum_changed(self, ok: bool, fenced: bool) -> None:
         for m in self.luns.values():
-            m.set_quorum(ok)
+            m.set_quorum(ok, fenced)
 
     def _lun_in_sync(self, peer: str) -> None:
         if self.quorum is not None and all(m.role is Role.IN_SYNC for m in self.luns.values()):

@@ -43,7 +43,7 @@ RETRY_INTERVAL = 2.0  # seconds between vote requests of a fenced node
 class QuorumKeeper:
     def __init__(self, config: ClusterConfig, node: str, store: MetaStore,
                  send: Callable[[str, Message], bool], run_blocking: Callable[..., Any],
-                 on_change: Callable[[bool], None]) -> None:
+                 on_change: Callable[[bool, bool], None]) -> None:
         self.config = config
         self.node = node
         self.store = store
@@ -57,18 +57,25 @@ class QuorumKeeper:
         self.peer_up = False
         self.witness_up = False
         self.serving_now = not self.enabled
+        # The witness refused (or could not be asked) and the lease is gone: fenced, until this
+        # node serves again.  Not serving but not fenced: the decision is still out.
+        self.fenced = False
+        self._told_fenced = False
+        self.on_epoch: Callable[[int], None] | None = None  # tells the peer a new epoch
         self._vote: asyncio.Future[bool] | None = None
         self._replies: dict[int, asyncio.Future[int]] = {}
         self._next_rid = 1
         self._last_request = float("-inf")
         self._peer_epoch = 0
         self._peer_heard = float("-inf")  # loop time the lost peer was last heard from
-        # Once the peer has been lost, its answers renew nothing until every LUN is in sync
-        # with it again (``peer_joined``): a node that was cut off (or paused) and comes back
-        # must not serve its old data on a lease from the new link while its LUNs still wait
-        # for the witness's refusal.  The newest answer is kept for the moment it joins.
-        self._peer_lost = False
-        self._answered_while_lost = float("-inf")
+        # The peer's answers renew the lease only while this node is joined to it: every LUN
+        # in sync with it (``peer_joined``) and no loss since.  A node that was cut off (or
+        # paused) and comes back must not serve its old data on a lease from the new link
+        # while its LUNs still wait for the witness's refusal, nor a node that starts behind.
+        # The newest answer is kept for the moment it joins.
+        self._joined = False
+        self._not_before = float("-inf")  # no vote request before (monotonic): step_aside
+        self._answered_unjoined = float("-inf")
         self.closing = False
         self._task: asyncio.Task[None] | None = None
         raw = store.read(STATE)
@@ -112,12 +119,12 @@ class QuorumKeeper:
             # until then too, and neither completes a write alone before the witness votes).
             self.peer_up = False
             self._peer_heard = last_heard
-            self._peer_lost = True
+            self._joined = False
 
     def heartbeat_answered(self, sent_ns: int) -> None:
         """The peer answered a heartbeat this node sent at ``sent_ns`` (monotonic)."""
-        if self._peer_lost:
-            self._answered_while_lost = max(self._answered_while_lost, sent_ns / 1e9)
+        if not self._joined:
+            self._answered_unjoined = max(self._answered_unjoined, sent_ns / 1e9)
         else:
             self.lease.renewed(sent_ns / 1e9)
 
@@ -132,8 +139,12 @@ class QuorumKeeper:
     def peer_epoch(self, epoch: int) -> None:
         """What the peer said its epoch is; adopted only once every LUN is in sync
         (``peer_joined``): a node still behind must not learn it, so that it can never win
-        a vote against the node that holds the newer data."""
+        a vote against the node that holds the newer data.  Joined already, it is the
+        epoch of a vote the peer won late (``_request``): shared at once."""
         self._peer_epoch = epoch
+        if self._joined and self.peer_up and epoch > self.epoch and not self.granted:
+            self.epoch = epoch
+            asyncio.ensure_future(self._persist())
 
     # ------------------------------------------------------------------ decisions
     def serving(self) -> bool:
@@ -155,11 +166,24 @@ class QuorumKeeper:
             return True
         if self.closing:
             return False  # shutting down: nothing waits for an answer any more
+        if self.granted and self.serving_now:
+            # Serving on the witness's vote already (a link that came and went again): the
+            # peer cannot hold a lease since, as it counts none before it is in sync again.
+            return True
         if self._vote is None or self._vote.done():
             self._vote = asyncio.ensure_future(self._request())
         return await asyncio.shield(self._vote)
 
+    def step_aside(self) -> None:
+        """This node's storage failed a replicated write and it is leaving its peer: the
+        peer, whose storage works, should win the vote that follows, so this node asks only
+        half a peer timeout later (the peer, seeing the link close, asks at once)."""
+        self._not_before = time.monotonic() + self.config.peer_timeout / 2
+
     async def _request(self) -> bool:
+        wait = self._not_before - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         epoch = self.epoch if self.granted else self.epoch + 1
         self._last_request = time.monotonic()
         deadline = time.monotonic() + self.config.peer_timeout
@@ -172,6 +196,8 @@ class QuorumKeeper:
         if not self.send("witness", Control(0, ControlKind.VOTE, rid, epoch=epoch)):
             self._replies.pop(rid, None)
             log.error("no quorum: the witness is unreachable and node's peer is away")
+            self.fenced = True
+            self._evaluate()
             return False
         try:
             status = await asyncio.wait_for(fut, self.config.peer_timeout)
@@ -179,11 +205,23 @@ class QuorumKeeper:
             status = errno.ETIMEDOUT
         finally:
             self._replies.pop(rid, None)
+        if self.peer_up and self._joined:
+            # The peer came back and every LUN is in sync again while the request was out: the
+            # answer changes nothing here.  But an epoch granted is spent, and a grant kept
+            # while joined would let this node serve on it while the peer wins the next one:
+            # adopt the epoch without the grant, and tell the peer.
+            if status == 0 and epoch > self.epoch:
+                self.epoch, self.granted = epoch, False
+                await self._persist()
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch)
+            return True
         if status != 0:
             log.error("no quorum: the witness refused its vote for epoch %d (%s): the other "
                       "node has it, or the witness cannot be reached; serving nothing", epoch,
                       errno.errorcode.get(status, status))
             self.lease.drop()
+            self.fenced = True
             self._evaluate()
             return False
         self.epoch, self.granted = epoch, True
@@ -209,9 +247,9 @@ class QuorumKeeper:
         """Every mirrored LUN is in sync with the peer again: both share the newest epoch, and
         the next loss asks the witness for a fresh one (a kept grant would let this node win
         an epoch the peer may win too)."""
-        if self._peer_lost:
-            self._peer_lost = False
-            self.lease.renewed(self._answered_while_lost)
+        if not self._joined:
+            self._joined = True
+            self.lease.renewed(self._answered_unjoined)
         epoch = max(self.epoch, self._peer_epoch)
         if (epoch, False) != (self.epoch, self.granted):
             self.epoch, self.granted = epoch, False
@@ -221,11 +259,19 @@ class QuorumKeeper:
     # ------------------------------------------------------------------ the watch
     def _evaluate(self) -> None:
         ok = self.serving()
-        if ok != self.serving_now:
+        if ok:
+            self.fenced = False
+        if ok != self.serving_now or (not ok and self.fenced != self._told_fenced):
             self.serving_now = ok
-            log.log(logging.INFO if ok else logging.WARNING, "quorum %s",
-                    "held: serving" if ok else "lost: serving nothing (ALUA unavailable)")
-            self.on_change(ok)
+            self._told_fenced = self.fenced
+            if ok:
+                log.info("quorum held: serving")
+            elif self.fenced:
+                log.warning("quorum lost: fenced, serving nothing (ALUA unavailable)")
+            else:
+                log.warning("quorum lease ran out: serving nothing until the witness decides "
+                            "(ALUA transitioning)")
+            self.on_change(ok, self.fenced)
 
     async def _watch(self) -> None:
         step = self.config.heartbeat_interval / 4

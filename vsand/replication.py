@@ -39,6 +39,13 @@ epoch starts, with a new ordering engine), one is the source of a bitmap or full
 the histories diverged (split brain: logged, left to the operator; each side goes on as it
 was).  Messages of an older epoch are dropped.
 
+Storage that fails a replicated write, at the origin or at a replica, leaves the replicas
+different in that region: the failing node marks it for every peer, closes the link (so both
+sides leave the in-sync set, as on a lost peer) and steps aside in the vote that follows, so
+that the node whose storage works goes on and later resyncs it.  An origin whose peer failed
+does not pass the peer's error on: the write completes as those waiting for a lost peer do,
+once the quorum let this node go on.
+
 Two nodes are the case this handles fully.  With three, writes are mirrored to all in-sync
 replicas, but changing the in-sync set of three needs the agreement the quorum layer brings.
 """
@@ -82,6 +89,7 @@ RESYNC_CHUNK = 1 << 20
 RESYNC_IN_FLIGHT = 4
 RESYNC_MAX_RATE = 4 << 30  # bytes/s when the config sets no cap
 RESYNC_TARGET_LATENCY = 0.005  # mean foreground latency above which resync backs off
+RESYNC_RETRY_S = (0.05, 5.0)  # first and longest wait after the target failed a copy
 FINAL_PASS_BYTES = 8 << 20  # copied with writes held at the end of a resync (~40 ms)
 VERIFY_IN_FLIGHT = 4
 _STATE = struct.Struct("!I")
@@ -218,10 +226,13 @@ class MirroredLun:
         # Quorum (vsand/quorum.py): whether this node may serve at all, whether it may go on
         # without a lost peer (the witness's vote), and news that the peer is in sync.
         self.quorum_ok = True
+        self.quorum_fenced = False  # refused by the witness: unavailable, not transitioning
         self.may_go_alone: Callable[[], Awaitable[bool]] | None = None
         self.on_in_sync: Callable[[str], None] | None = None
         self.drop_link: Callable[[str, str], None] | None = None
+        self.on_storage_failure: Callable[[], None] | None = None
         self.resync_bytes = 0  # copied as source, for the status and the tests
+        self._resync_retry = 0.0  # seconds to wait before copying again after a failure
         # Requests through submit (data-changing, on every in-sync replica): plain ints for
         # the metrics collector; histogram bucket i counts requests under 2**i * 1024 ns.
         self.ops = 0
@@ -511,18 +522,29 @@ class MirroredLun:
                 local.error = e
             else:
                 self._apply_errors[action.seq] = e.errno or errno.EIO
-                if req.op not in _READS_ONLY and self.drop_link is not None:
-                    # The origin has (or will have) this write and this replica has not:
-                    # leave the in-sync set, so that the origin tracks the region for a
-                    # resync rather than both sides believing they hold the same data.
-                    for peer in self.peers:
-                        self.drop_link(peer, f"{self.label}: a replicated write failed "
-                                             f"here: {e}")
+            if req.op not in _READS_ONLY:
+                self._write_failed_here(req, e)
         finally:
             self._applying -= 1
         self._run(engine, engine.applied(action.seq))
         if not self._inflight and not self._applying:
             self._idle.set()
+
+    def _write_failed_here(self, req: BlockRequest, e: OSError) -> None:
+        """A write the other replicas apply (or applied) failed on this node's storage, as
+        origin or as replica: the region may differ now.  Keep it for the resync, whichever
+        way that goes, and leave the in-sync set rather than let both sides believe they
+        hold the same data.  The node steps aside in the vote that follows, so that the peer
+        whose storage works goes on."""
+        off, length = self._bytes(req)
+        if length:
+            for peer in self.peers:
+                self.bitmaps[peer].mark(off, length)
+        if self.on_storage_failure is not None:
+            self.on_storage_failure()
+        if self.drop_link is not None:
+            for peer in self.peers:
+                self.drop_link(peer, f"{self.label}: a replicated write failed here: {e}")
 
     def _send_engine(self, engine: OrderingEngine, action: Send) -> None:
         msg = action.message
@@ -576,11 +598,18 @@ class MirroredLun:
             if msg.status:
                 local = self._locals.get(msg.request_id)
                 if local is not None:
-                    # The peer lacks what this node applied: keep the region for its resync
-                    # (the peer drops the link and leaves the in-sync set).
+                    # The peer lacks what this node applied: keep the region for its resync.
                     off, length = self._bytes(local.req)
                     if length:
                         self.bitmaps[peer].mark(off, length)
+                    if self.drop_link is not None:
+                        # The peer leaves the in-sync set (it drops the link too): this write
+                        # completes as every one that waited for a lost peer does, once the
+                        # quorum let this node go on, not with the peer's error.
+                        why = errno.errorcode.get(msg.status, msg.status)
+                        self.drop_link(peer, f"{self.label}: node {peer} failed a "
+                                             f"replicated write ({why})")
+                        return
                     if local.error is None:
                         why = errno.errorcode.get(msg.status, msg.status)
                         local.error = OSError(msg.status, f"node {peer}: {why}")
@@ -664,7 +693,7 @@ class MirroredLun:
         elif kind is wire.ControlKind.SYNC_BEGIN:
             self._spawn(self._sync_begin(peer, msg))
         elif kind is wire.ControlKind.JOIN:
-            self._spawn(self._join_as_target(peer, msg))
+            self._spawn(self._join_as_target(peer, msg, self._link_gen.get(peer, 0)))
 
     # ------------------------------------------------------------------ links
     def link_up(self, peer: str) -> None:
@@ -843,6 +872,7 @@ class MirroredLun:
             alone = True if self.may_go_alone is None else await self.may_go_alone()
             if not alone:
                 self.quorum_ok = False
+                self.quorum_fenced = True
                 for local in self._locals.values():
                     local.error = local.error or OSError(errno.ENOLINK, "no quorum")
             engine = self.engine
@@ -966,12 +996,15 @@ class MirroredLun:
             if not plan.finished and not closing:
                 await asyncio.sleep(0.01)  # every dirty region has a pass running elsewhere
                 continue
-            if await self._join(peer, plan, gen):
-                dt = time.monotonic() - started
-                n = self.resync_bytes - copied
-                log.info("%s: resync to node %s done: %d bytes in %.2f s (%.1f MiB/s)",
-                         self.label, peer, n, dt, n / max(dt, 1e-6) / (1 << 20))
-                return
+            if not await self._join(peer, plan, gen):
+                if self._resync_retry:
+                    await asyncio.sleep(self._resync_retry)  # the last pass failed there
+                continue
+            dt = time.monotonic() - started
+            n = self.resync_bytes - copied
+            log.info("%s: resync to node %s done: %d bytes in %.2f s (%.1f MiB/s)",
+                     self.label, peer, n, dt, n / max(dt, 1e-6) / (1 << 20))
+            return
 
     async def _final_pass(self, peer: str, gen: int) -> bool:
         """Copy every region still dirty for ``peer``, nothing being written meanwhile."""
@@ -988,8 +1021,13 @@ class MirroredLun:
                 status = await self._answer_of(reply)
             finally:
                 release_buffer(buf)
-            if status != 0 or self._stale(peer, gen, "the last resync pass"):
+            if status != 0:
+                if status != errno.ENOTCONN:
+                    self._copy_failed(peer, lba, status)
                 return False
+            if self._stale(peer, gen, "the last resync pass"):
+                return False
+            self._resync_retry = 0.0
             self.resync_bytes += length
             bm.clear(region)
         return True
@@ -1010,12 +1048,27 @@ class MirroredLun:
             finally:
                 release_buffer(buf)
         if status == 0:
+            self._resync_retry = 0.0
             self.resync_bytes += job.length
             plan.job_done(job, loop.time())
         else:
-            plan.job_failed(job, loop.time())
             if status == errno.ENOTCONN:
                 plan.cancel()
+            else:
+                # The region stays in flight meanwhile: not copied again before the wait.
+                await asyncio.sleep(self._copy_failed(peer, job.lba, status))
+            plan.job_failed(job, loop.time())
+
+    def _copy_failed(self, peer: str, lba: int, status: int) -> float:
+        """A copy the target could not store (full or failing storage, most likely): wait
+        longer each time, up to RESYNC_RETRY_S[1], rather than flood it and both logs."""
+        first, longest = RESYNC_RETRY_S
+        if not self._resync_retry:
+            log.warning("%s: node %s failed to store resync data at block %d (%s); retrying "
+                        "with waits up to %g s", self.label, peer, lba,
+                        errno.errorcode.get(status, status), longest)
+        self._resync_retry = min(longest, max(first, 2 * self._resync_retry))
+        return self._resync_retry
 
     @_serialized
     async def _join(self, peer: str, plan: ResyncPlan, gen: int) -> bool:
@@ -1085,18 +1138,26 @@ class MirroredLun:
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
 
     @_serialized
-    async def _join_as_target(self, peer: str, msg: wire.Control) -> None:
+    async def _join_as_target(self, peer: str, msg: wire.Control, gen: int) -> None:
+        # The JOIN counts only on the link it came by: once that is gone, the source has seen
+        # ENOTCONN, kept its bitmap and tracks this node again (writes of the new epoch may
+        # never have reached it), so joining anyway would lose them.  Whatever was adopted
+        # before the loss is harmless: the next exchange finds the source still tracking.
         status = 0
         try:
-            if self.role is not Role.SYNC_TARGET:
+            if self.role is not Role.SYNC_TARGET or self._stale(peer, gen, "joining"):
                 raise OSError(errno.EPROTO, f"JOIN while {self.role.value}")
             source = Generations.from_bytes(msg.body)
             await self.lun.backend.flush()
+            if self._stale(peer, gen, "joining"):
+                return
             self.gens = self.gens.adopt(source)
             await self._persist_gens()
             for bm in self.bitmaps.values():
                 bm.clear_all()
             await self._flush_bitmaps()
+            if self._stale(peer, gen, "joining"):
+                return
             self._start_epoch(msg.epoch, peer)
         except (OSError, ValueError) as e:
             log.error("%s: cannot join node %s: %s", self.label, peer, e)
@@ -1216,14 +1277,18 @@ class MirroredLun:
 
     def _set_alua(self, serving: bool) -> None:
         if not self.quorum_ok:
-            state = ALUA_UNAVAILABLE  # fenced: initiators use the other node's paths
+            # Fenced: initiators use the other node's paths.  Still deciding (a lease ran out,
+            # the witness has not answered yet): transitioning, which initiators retry on the
+            # same path, so that the node that wins does not lose its paths meanwhile.
+            state = ALUA_UNAVAILABLE if self.quorum_fenced else ALUA_TRANSITIONING
         else:
             state = ALUA_ACTIVE_OPTIMIZED if serving else ALUA_TRANSITIONING
         alua.set_state(self.lun.unit, state)
 
-    def set_quorum(self, ok: bool) -> None:
+    def set_quorum(self, ok: bool, fenced: bool = False) -> None:
         """The node gained or lost quorum: serve (as the role allows) or nothing at all."""
         self.quorum_ok = ok
+        self.quorum_fenced = fenced and not ok
         self._set_alua(self.role in _SERVING or (self.role is Role.SPLIT_BRAIN
                                                  and self._was_serving))
 

@@ -25,10 +25,11 @@ def _config() -> ClusterConfig:
 class Harness:
     def __init__(self, witness_answer: int | None = 0) -> None:
         self.sent: list[tuple[str, Message]] = []
-        self.changes: list[bool] = []
+        self.changes: list[tuple[bool, bool]] = []  # (serving, fenced)
         self.witness_answer = witness_answer
         self.keeper = QuorumKeeper(_config(), "a", MemoryMetaStore(), self.send,
-                                   self.run_blocking, self.changes.append)
+                                   self.run_blocking,
+                                   lambda ok, fenced: self.changes.append((ok, fenced)))
 
     def send(self, peer: str, msg: Message) -> bool:
         self.sent.append((peer, msg))
@@ -50,12 +51,13 @@ async def test_answers_after_a_lost_peer_count_only_once_it_joined_again() -> No
     k = h.keeper
     k.link_up("witness")
     k.link_up("b")
+    k.peer_joined()
     h.answered_now()
     k._evaluate()
     assert k.serving_now
     k.link_lost("b", asyncio.get_running_loop().time())
     assert not await k.may_go_alone()
-    assert not k.serving_now and h.changes == [True, False]
+    assert not k.serving_now and h.changes == [(True, False), (False, True)]  # refused: fenced
     # The peer dials this node again: heartbeats on the new link are answered at once, but
     # this node's LUNs are still behind: the answers must not make it serve its old data.
     k.link_up("b")
@@ -64,7 +66,7 @@ async def test_answers_after_a_lost_peer_count_only_once_it_joined_again() -> No
         k._evaluate()
         assert not k.serving() and not k.serving_now
     k.peer_joined()  # every LUN in sync again: the latest answer is the lease
-    assert k.serving() and k.serving_now and h.changes[-1] is True
+    assert k.serving() and k.serving_now and h.changes[-1] == (True, False)
 
 
 async def test_a_survivor_keeps_serving_across_the_peers_return() -> None:
@@ -72,6 +74,7 @@ async def test_a_survivor_keeps_serving_across_the_peers_return() -> None:
     k = h.keeper
     k.link_up("witness")
     k.link_up("b")
+    k.peer_joined()
     h.answered_now()
     k._evaluate()
     k.link_lost("b", asyncio.get_running_loop().time() - PEER_TIMEOUT)
@@ -81,7 +84,7 @@ async def test_a_survivor_keeps_serving_across_the_peers_return() -> None:
     h.answered_now()
     k.peer_joined()  # the grant is given up for the next loss; the lease carries on
     assert not k.granted and k.serving() and k.serving_now
-    assert h.changes[-1] is True and False not in h.changes
+    assert all(ok for ok, _ in h.changes)
 
 
 async def test_check_fences_at_once_when_the_lease_ran_out_unnoticed() -> None:
@@ -89,20 +92,63 @@ async def test_check_fences_at_once_when_the_lease_ran_out_unnoticed() -> None:
     k = h.keeper
     k.link_up("witness")
     k.link_up("b")
+    k.peer_joined()
     k.heartbeat_answered(time.monotonic_ns() - int(0.79 * PEER_TIMEOUT * 1e9))
     k._evaluate()
     assert k.serving_now
     # A stopped process wakes up: its watch has not run yet, commands wait in its sockets.
     await asyncio.sleep(0.02)
     k.check()
-    assert not k.serving_now and h.changes == [True, False]
+    # Not fenced yet: nobody asked the witness; the paths turn transitioning, not unavailable.
+    assert not k.serving_now and h.changes == [(True, False), (False, False)]
 
 
 async def test_check_leaves_a_valid_lease_alone() -> None:
     h = Harness()
     k = h.keeper
     k.link_up("b")
+    k.peer_joined()
     h.answered_now()
     k._evaluate()
     k.check()
-    assert k.serving_now and h.changes == [True]
+    assert k.serving_now and h.changes == [(True, False)]
+
+
+async def test_a_node_that_starts_counts_no_lease_before_its_luns_are_in_sync() -> None:
+    """Restarted behind its peer: the peer answers its heartbeats at once, but until every
+    LUN has caught up the node serves nothing, and it learns no newer epoch either."""
+    h = Harness()
+    k = h.keeper
+    k.link_up("b")
+    k.peer_epoch(7)
+    h.answered_now()
+    k._evaluate()
+    assert not k.serving() and k.epoch == 0
+    k.peer_joined()
+    assert k.serving_now and k.epoch == 7
+
+
+async def test_a_vote_won_after_the_peer_joined_again_is_shared_not_kept() -> None:
+    """A vote request still out when the peer came back and joined: the witness's grant
+    spends the epoch, so this node adopts it without the grant and tells the peer, and the
+    peer, joined, adopts it from that news at once."""
+    h = Harness(witness_answer=None)
+    k = h.keeper
+    told: list[int] = []
+    k.on_epoch = told.append
+    k.link_up("witness")
+    k.link_lost("b", asyncio.get_running_loop().time() - PEER_TIMEOUT)
+    vote = asyncio.ensure_future(k.may_go_alone())
+    await asyncio.sleep(0.01)
+    ((_, request),) = [(p, m) for p, m in h.sent if p == "witness"]
+    k.link_up("b")
+    h.answered_now()
+    k.peer_joined()  # the peer is back and in sync before the witness answers
+    k.reply(request.request_id, 0)
+    assert await vote
+    assert k.epoch == 1 and not k.granted and told == [1]
+    peer = Harness().keeper  # the other node, joined: hears of epoch 1 through INFO
+    peer.link_up("a")
+    peer.peer_joined()
+    peer.peer_epoch(1)
+    assert peer.epoch == 1

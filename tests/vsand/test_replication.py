@@ -393,36 +393,99 @@ async def test_preempt_and_abort_at_one_node_aborts_at_the_other(pair: Any) -> N
     assert a.lun.unit.pr.to_bytes() == b.lun.unit.pr.to_bytes()
 
 
-async def test_a_write_that_fails_at_the_replica_takes_it_out_of_sync(pair: Any) -> None:
-    """b's backend refuses a replicated write: b leaves the in-sync set (here: drops the
-    link) so that a tracks the region, and the resync that follows makes them equal."""
+@pytest.mark.parametrize("failing", ["replica", "origin"])
+async def test_a_write_that_fails_on_one_node_takes_it_out_of_sync(pair: Any,
+                                                                    failing: str) -> None:
+    """One node's backend refuses a replicated write (the write goes through a): that node
+    leaves the in-sync set (here: drops the link) and steps aside in the vote, the region is
+    tracked, and the resync that follows makes the replicas equal again."""
     a, b, wire = pair
+    bad = b if failing == "replica" else a
     dropped: list[str] = []
-    b.drop_link = lambda peer, why: dropped.append(peer)
-    real = b.lun.backend
+    stepped_aside: list[str] = []
+    for m in (a, b):
+        m.drop_link = lambda peer, why, m=m: dropped.append(m.node)
+        m.on_storage_failure = lambda m=m: stepped_aside.append(m.node)
+    real = bad.lun.backend
 
-    class Refusing:  # the replica's disk refuses writes at one offset
+    class Refusing:  # this node's disk refuses writes at one offset
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
 
         def try_write(self, offset: int, data: Any) -> bool:
             if offset == 4096 * BS:
-                raise OSError(errno.ENOSPC, "no space left on the replica")
+                raise OSError(errno.ENOSPC, "no space left")
             return bool(real.try_write(offset, data))
 
         async def write(self, offset: int, data: Any, fua: bool = False) -> None:
             if offset == 4096 * BS:
-                raise OSError(errno.ENOSPC, "no space left on the replica")
+                raise OSError(errno.ENOSPC, "no space left")
             await real.write(offset, data, fua)
 
-    b.lun.backend = Refusing()  # type: ignore[assignment]
-    with pytest.raises(OSError):
-        await a.lun.execute_block(_write(4096, 8, 7))
-    assert dropped == ["a"]
-    b.lun.backend = real
-    wire.cut()
+    bad.lun.backend = Refusing()  # type: ignore[assignment]
+    write = asyncio.ensure_future(a.lun.execute_block(_write(4096, 8, 7)))
+    await _until(lambda: stepped_aside == [bad.node])
+    # A failing replica drops the link, and its origin too on the error; a failing origin
+    # drops it itself.
+    assert set(dropped) == ({"a", "b"} if failing == "replica" else {"a"})
+    bad.lun.backend = real
+    wire.cut()  # what the dropped link does
     await _until(lambda: a.role is Role.DEGRADED and b.role is Role.DEGRADED)
-    assert a.bitmaps["b"].is_dirty(4096 * BS, 8 * BS)
+    if failing == "origin":
+        with pytest.raises(OSError):
+            await write
+    else:  # a has it and goes on without b: the write completes as with a lost peer
+        await write
+        assert _read(a, 4096) == bytes([7]) * BS
+    assert bad.bitmaps["b" if bad is a else "a"].is_dirty(4096 * BS, 8 * BS)
+    if failing == "origin":  # the replica applied it: the replicas differ until the resync
+        assert _read(a, 4096) != _read(b, 4096)
     wire.connect()
     await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+    assert _digest(a) == _digest(b)
+
+
+def _read(m: MirroredLun, lba: int) -> bytes:
+    with open(m.lun.backend.path, "rb") as f:
+        f.seek(lba * BS)
+        return f.read(BS)
+
+
+async def test_a_join_whose_link_went_away_meanwhile_does_not_count(pair: Any) -> None:
+    """The JOIN reaches the target, the link dies while the target is flushing for it, and
+    the source (already in the new epoch) completes a write alone meanwhile: the target must
+    not become in sync on that JOIN, or that write would never reach it."""
+    a, b, wire = pair
+    wire.cut()
+    await _until(lambda: a.role is Role.DEGRADED and b.role is Role.DEGRADED)
+    await b.lun.execute_block(_write(300, 8, 5))  # b is ahead: b will be the source
+    real = a.lun.backend
+    joining = asyncio.Event()
+    release = asyncio.Event()
+
+    class SlowFlush:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def flush(self) -> None:
+            joining.set()
+            await release.wait()
+            await real.flush()
+
+    a.lun.backend = SlowFlush()  # type: ignore[assignment]
+    wire.connect()
+    await asyncio.wait_for(joining.wait(), 10)
+    assert a.role is Role.SYNC_TARGET and b.role is Role.IN_SYNC
+    late = asyncio.ensure_future(b.lun.execute_block(_write(400, 8, 6)))
+    await asyncio.sleep(0.05)  # its frame reaches a, which is not in sync yet: dropped
+    wire.cut()
+    await late  # b completes it alone (no quorum configured here)
+    release.set()
+    await _until(lambda: b.role is Role.DEGRADED)
+    await asyncio.sleep(0.05)
+    assert a.role is not Role.IN_SYNC
+    a.lun.backend = real
+    wire.connect()
+    await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+    assert _read(a, 400) == bytes([6]) * BS
     assert _digest(a) == _digest(b)
