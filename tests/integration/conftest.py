@@ -100,3 +100,12 @@ def session_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]
     make, started = _factory(target_kind(), tmp_path_factory.mktemp("session-target"))
     yield make()
     _stop_all(started)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    """Reports a test module left in ``config.vsand_reports`` (title, text): the fault
+    scenarios run and their seeds, shown whether the tests passed or not."""
+    for title, text in getattr(config, "vsand_reports", []):
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)
+

@@ -14,6 +14,7 @@ from .procs import (
     VsandTarget,
     free_port,
     wait_port,
+    wait_until,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "VsandTarget",
     "free_port",
     "wait_port",
+    "wait_until",
 ]

@@ -62,8 +62,16 @@ def netns_argv(ns: str, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
-class NetnsPair:
-    def __init__(self, subnet: str = "10.231.0.0/24") -> None:
+class Namespaces:
+    """Network namespaces and veth interfaces this process makes (``_create``, in a
+    subclass) and removes again (``close``, also after a set-up that failed half-way);
+    members get the addresses ``.1``, ``.2``... of ``subnet`` in order.  A subclass names
+    each member's namespace (``names``) and its veth end there (``ifnames``)."""
+
+    names: dict[str, str]
+    ifnames: dict[str, str]
+
+    def __init__(self, subnet: str, members: tuple[str, ...]) -> None:
         try:
             from pyroute2 import IPRoute, netns
         except ImportError as e:
@@ -75,13 +83,11 @@ class NetnsPair:
             raise ValueError(f"{subnet} is not a private network")
         hosts = net.hosts()
         self.prefixlen = net.prefixlen
-        self.addresses: dict[str, str] = {side: str(next(hosts)) for side in SIDES}
-        n = next(_pairs)
-        pid = os.getpid()
-        self.names: dict[str, str] = {side: f"vsand-it-{pid}-{n}-{side}" for side in SIDES}
-        # Interface names are at most 15 bytes: "vs" + pid (<= 6 hex) + pair (hex) + side.
-        self.ifnames: dict[str, str] = {side: f"vs{pid:x}{n:x}{side}" for side in SIDES}
+        self.members = members
+        self.addresses: dict[str, str] = {m: str(next(hosts)) for m in members}
         self._made: list[str] = []
+
+    def _build(self) -> None:
         try:
             self._create()
         except BaseException as e:
@@ -93,7 +99,96 @@ class NetnsPair:
                                        "CAP_SYS_ADMIN and CAP_NET_ADMIN)") from None
             raise
 
-    # --- set-up and tear-down ---------------------------------------------------------
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def _namespaces(self) -> list[str]:
+        raise NotImplementedError
+
+    def _interfaces(self) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Remove the namespaces (veths and anything else inside go with them) and any veth
+        end still in this namespace after a failed set-up; safe to call more than once."""
+        while self._made:
+            name = self._made.pop()
+            with contextlib.suppress(OSError):
+                self._netns.remove(name)
+        with contextlib.suppress(Exception), self._IPRoute() as ipr:
+            for ifname in self._interfaces():
+                for index in ipr.link_lookup(ifname=ifname):
+                    ipr.link("del", index=index)
+        end = time.monotonic() + LINK_DEADLINE_S  # the kernel tears namespaces down later
+        while self.leftovers() and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def leftovers(self) -> list[str]:
+        """Namespaces or veth ends of these still visible from here."""
+        present = set(self._netns.listnetns())
+        out = [n for n in self._namespaces() if n in present]
+        with self._IPRoute() as ipr:
+            out += [i for i in self._interfaces() if ipr.link_lookup(ifname=i)]
+        return out
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ipr(self, member: str) -> Any:
+        return self._ipr_ns(self.names[member])
+
+    def _ipr_ns(self, ns: str) -> Any:
+        # flags=0: a namespace that is gone is an error, not a new empty one made silently
+        return self._IPRoute(netns=ns, flags=0)
+
+    def _configure(self, member: str) -> None:
+        """The member's veth end gets its address; it and ``lo`` go up."""
+        with self._ipr(member) as ipr:
+            (index,) = ipr.link_lookup(ifname=self.ifnames[member])
+            ipr.addr("add", index=index, address=self.addresses[member],
+                     prefixlen=self.prefixlen)
+            ipr.link("set", index=index, state="up")
+            (lo,) = ipr.link_lookup(ifname="lo")
+            ipr.link("set", index=lo, state="up")
+
+    def _await_carrier(self, up: bool = True) -> None:
+        """Until every member's veth end reports the wanted operational state."""
+        want = "UP" if up else "DOWN"
+        end = time.monotonic() + LINK_DEADLINE_S
+        while True:
+            states = {}
+            for m in self.members:
+                with self._ipr(m) as ipr:
+                    (index,) = ipr.link_lookup(ifname=self.ifnames[m])
+                    states[m] = ipr.get_links(index)[0].get_attr("IFLA_OPERSTATE")
+            if all(s == want for s in states.values()):
+                return
+            if time.monotonic() > end:
+                raise AssertionError(f"veths {self.ifnames}: {states}, wanted {want} within "
+                                     f"{LINK_DEADLINE_S:g} s")
+            time.sleep(0.02)
+
+
+class NetnsPair(Namespaces):
+    def __init__(self, subnet: str = "10.231.0.0/24") -> None:
+        super().__init__(subnet, SIDES)
+        n = next(_pairs)
+        pid = os.getpid()
+        self.names: dict[str, str] = {side: f"vsand-it-{pid}-{n}-{side}" for side in SIDES}
+        # Interface names are at most 15 bytes: "vs" + pid (<= 6 hex) + pair (hex) + side.
+        self.ifnames: dict[str, str] = {side: f"vs{pid:x}{n:x}{side}" for side in SIDES}
+        self._build()
+
+    def _namespaces(self) -> list[str]:
+        return list(self.names.values())
+
+    def _interfaces(self) -> list[str]:
+        return list(self.ifnames.values())
+
+    # --- set-up -----------------------------------------------------------------------
     def _create(self) -> None:
         for side in SIDES:
             self._netns.create(self.names[side])
@@ -104,41 +199,8 @@ class NetnsPair:
                 (index,) = ipr.link_lookup(ifname=self.ifnames[side])
                 ipr.link("set", index=index, net_ns_fd=self.names[side])
         for side in SIDES:
-            with self._ipr(side) as ipr:
-                (index,) = ipr.link_lookup(ifname=self.ifnames[side])
-                ipr.addr("add", index=index, address=self.addresses[side],
-                         prefixlen=self.prefixlen)
-                ipr.link("set", index=index, state="up")
-                (lo,) = ipr.link_lookup(ifname="lo")
-                ipr.link("set", index=lo, state="up")
+            self._configure(side)
         self._await_carrier(True)
-
-    def close(self) -> None:
-        """Remove the namespaces (and with them the veth); safe to call more than once."""
-        while self._made:
-            name = self._made.pop()
-            with contextlib.suppress(OSError):
-                self._netns.remove(name)
-        with contextlib.suppress(Exception), self._IPRoute() as ipr:
-            for ifname in self.ifnames.values():
-                for index in ipr.link_lookup(ifname=ifname):  # a failed set-up left it here
-                    ipr.link("del", index=index)
-        end = time.monotonic() + LINK_DEADLINE_S  # the kernel tears namespaces down later
-        while self.leftovers() and time.monotonic() < end:
-            time.sleep(0.05)
-
-    def leftovers(self) -> list[str]:
-        """Namespaces or veth ends of this pair still visible from here."""
-        out = [n for n in self.names.values() if n in self._netns.listnetns()]
-        with self._IPRoute() as ipr:
-            out += [i for i in self.ifnames.values() if ipr.link_lookup(ifname=i)]
-        return out
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- the link ---------------------------------------------------------------------
     def link_down(self) -> None:
@@ -155,25 +217,6 @@ class NetnsPair:
             (index,) = ipr.link_lookup(ifname=self.ifnames["a"])
             ipr.link("set", index=index, state=state)
 
-    def _await_carrier(self, up: bool) -> None:
-        """Until both ends report the wanted operational state."""
-        want = "UP" if up else "DOWN"
-        end = time.monotonic() + LINK_DEADLINE_S
-        while True:
-            states = {}
-            for side in SIDES:
-                with self._ipr(side) as ipr:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames[side])
-                    states[side] = ipr.get_links(index)[0].get_attr("IFLA_OPERSTATE")
-            if all(s == want for s in states.values()):
-                return
-            if time.monotonic() > end:
-                raise AssertionError(f"veth {self.ifnames}: {states}, wanted {want} within "
-                                     f"{LINK_DEADLINE_S:g} s")
-            time.sleep(0.02)
-
-    def _ipr(self, side: str) -> Any:
-        return self._IPRoute(netns=self.names[side])
 
     # --- processes inside -------------------------------------------------------------
     def run_argv(self, ns: str, argv: list[str]) -> list[str]:

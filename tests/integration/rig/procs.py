@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
@@ -63,6 +63,16 @@ def port_open(port: int, host: str = HOST) -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_until(cond: Callable[[], object], what: str, deadline_s: float = 30.0) -> None:
+    """Poll ``cond`` every 0.1 s until it is true; AssertionError naming ``what`` after
+    ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {deadline_s:g} s: {what}")
+        time.sleep(0.1)
 
 
 def wait_port(
