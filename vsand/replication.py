@@ -245,6 +245,7 @@ class MirroredLun:
         self._locals: dict[int, _Local] = {}
         self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
         self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
+        self._decided: dict[str, int] = {}  # peer -> link generation of its last decision
         # id() of a VERIFY request from a peer -> (its origin, request id), until applied.
         self._verify_origins: dict[int, tuple[str, int]] = {}
         self._verify_sums: dict[int, dict[str, bytes]] = {}  # local verify rid -> checksums
@@ -814,11 +815,16 @@ class MirroredLun:
 
     async def _retry_exchange(self, peer: str, gen: int) -> None:
         await asyncio.sleep(1.0)
-        if peer in self._linked and not self._stale(peer, gen, "a retried state exchange"):
+        # An exchange (the peer's, or ours retried) may have been decided on this link
+        # meanwhile: asking again then would start a second one over a resync or an epoch
+        # already under way.
+        if (peer in self._linked and self._decided.get(peer) != gen
+                and not self._stale(peer, gen, "a retried state exchange")):
             self._start_exchange(peer)
 
     async def _decide(self, peer: str, state: Any, gen: int) -> None:
         """Both states known: both nodes reach the same decision (``decide`` is symmetric)."""
+        self._decided[peer] = gen
         peer_epoch, flags, peer_gens, peer_bitmap = state
         peer_fresh, peer_survivor = bool(flags & _FRESH), bool(flags & _SURVIVOR)
         d = decide(self.gens, peer_gens, self.index[self.node], self.index[peer])
@@ -1095,6 +1101,12 @@ class MirroredLun:
             if status != 0:
                 log.warning("%s: node %s did not join (%s)", self.label, peer,
                             errno.errorcode.get(status, status))
+                # The peer may have adopted ``after`` before its answer was lost with the
+                # link: it may hold ``current`` now, so no write here may carry that name.
+                # A new one (the old bitmap, still kept, covers both cases at the next
+                # exchange: the peer at ``current`` or still at the resync handle).
+                self.gens = self.gens.new_current(os.urandom)
+                await self._persist_gens()
                 if status != errno.ENOTCONN:
                     # Still linked but not joined: track it again and start over.
                     self._spawn(self._rejoin(peer))

@@ -43,7 +43,7 @@ Deterministic scenarios are one test each; ``test_random_faults`` draws ``VSAND_
 scenarios from seeds (``VSAND_FAULT_SEED`` is the first; each scenario prints ``seed=N``, and
 ``VSAND_FAULT_SEED=N VSAND_FAULT_COUNT=1`` replays that draw on a fresh cluster);
 ``VSAND_FAULT_SOAK=1`` runs many more; ``VSAND_FAULT_BATCH`` scenarios share one cluster
-(12; a failed scenario ends its cluster).  ``VSAND_FAULT_LOG=debug`` sets the daemons' log
+(25; a failed scenario ends its cluster).  ``VSAND_FAULT_LOG=debug`` sets the daemons' log
 level.
 Each scenario's commands are written to ``history-<seed>.tsv`` in its cluster's directory.
 """
@@ -1226,7 +1226,7 @@ def _count() -> int:
 def test_random_faults(tmp_path: Path, report: Report) -> None:
     count = _count()
     first = int(os.environ.get("VSAND_FAULT_SEED", str(random.randrange(1, 1 << 30))))
-    batch = int(os.environ.get("VSAND_FAULT_BATCH", "12"))
+    batch = int(os.environ.get("VSAND_FAULT_BATCH", "25"))
     print(f"\nrandom faults: {count} scenarios from seed {first}, up to {batch} per cluster")
     failures: list[str] = []
     seeds = list(range(first, first + count))

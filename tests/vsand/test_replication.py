@@ -489,3 +489,34 @@ async def test_a_join_whose_link_went_away_meanwhile_does_not_count(pair: Any) -
     await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
     assert _read(a, 400) == bytes([6]) * BS
     assert _digest(a) == _digest(b)
+
+
+async def test_a_join_adopted_but_unanswered_leaves_the_source_a_new_generation(pair: Any) -> None:
+    """The target adopts the source's identifiers for a JOIN and the link dies before its
+    answer arrives: the source cannot tell whether it joined, so its next write alone must
+    carry a new generation, and the next exchange must copy that write."""
+    a, b, wire = pair
+    wire.cut()
+    await _until(lambda: a.role is Role.DEGRADED and b.role is Role.DEGRADED)
+    await b.lun.execute_block(_write(300, 8, 5))  # b is ahead: b will be the source
+    real_flush = a._flush_bitmaps
+    adopted = asyncio.Event()
+
+    async def flush_then_lose_the_link() -> None:
+        await real_flush()
+        if a.role is Role.SYNC_TARGET and not adopted.is_set():
+            adopted.set()
+            wire.cut()  # after a persisted what it adopted, before its answer leaves
+
+    a._flush_bitmaps = flush_then_lose_the_link  # type: ignore[method-assign]
+    wire.connect()
+    await asyncio.wait_for(adopted.wait(), 10)
+    assert a.gens.current and not a.gens.inconsistent and a.role is not Role.IN_SYNC
+    await _until(lambda: b.role is Role.DEGRADED)
+    assert b.gens.current != a.gens.current
+    await b.lun.execute_block(_write(400, 8, 6))  # alone, under the new generation
+    a._flush_bitmaps = real_flush  # type: ignore[method-assign]
+    wire.connect()
+    await _until(lambda: a.role is Role.IN_SYNC and b.role is Role.IN_SYNC)
+    assert _read(a, 400) == bytes([6]) * BS
+    assert _digest(a) == _digest(b)
