@@ -213,8 +213,7 @@ class QuorumKeeper:
             if status == 0 and epoch > self.epoch:
                 self.epoch, self.granted = epoch, False
                 await self._persist()
-                if self.on_epoch is not None:
-                    self.on_epoch(epoch)
+                self._tell_epoch()
             return True
         if status != 0:
             log.error("no quorum: the witness refused its vote for epoch %d (%s): the other "
@@ -226,6 +225,7 @@ class QuorumKeeper:
             return False
         self.epoch, self.granted = epoch, True
         await self._persist()
+        self._tell_epoch()  # a peer linked again (resyncing) adopts it once it is in sync
         # The lost peer's lease may run until t_r + lease (mirror/quorum.py): a loss seen at
         # once (a reset connection) must still wait that long before serving alone.
         loop = asyncio.get_running_loop()
@@ -233,6 +233,8 @@ class QuorumKeeper:
         if wait > 0:
             self.granted = False
             await asyncio.sleep(wait)
+            if self.peer_up and self._joined:
+                return True  # joined again meanwhile: the grant is spent (peer_joined)
             self.granted = True
         log.warning("quorum: the witness's vote for epoch %d: this node serves without its "
                     "peer", epoch)
@@ -252,9 +254,18 @@ class QuorumKeeper:
             self.lease.renewed(self._answered_unjoined)
         epoch = max(self.epoch, self._peer_epoch)
         if (epoch, False) != (self.epoch, self.granted):
+            moved = epoch != self.epoch
             self.epoch, self.granted = epoch, False
             asyncio.ensure_future(self._persist())
+            if moved:
+                self._tell_epoch()
         self._evaluate()
+
+    def _tell_epoch(self) -> None:
+        """Every epoch change goes to the peer (INFO) if it is linked: a peer that never
+        hears of an epoch this node won would ask the witness for it, in vain, forever."""
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
 
     # ------------------------------------------------------------------ the watch
     def _evaluate(self) -> None:

@@ -92,6 +92,9 @@ FAIL_BACKOFF_S = 0.05
 OP_TIMEOUT = 10.0
 LOGIN_TIMEOUT = 5.0
 SYNC_DEADLINE_S = 60.0
+# A node separated from its peer but not from the witness serves alone within this (the
+# peer timeout, the witness's answer, the lost peer's lease, and the checker's pace).
+TAKEOVER_S = 2 * PEER_TIMEOUT + 1.0
 AFTER_SYNC_S = 1.0 if SOAK else 0.5  # traffic once both are in sync again, before stopping
 WAKE_READS_S = 2.5 if SOAK else 1.5  # reads through the node that was apart, after the repair
 WAKE_PACE_S = 0.001
@@ -822,6 +825,11 @@ class FaultRig:
                 loser = self._written_alone(t0, t0 + duration - 0.2)
                 if probe is not None and loser == fault.x:
                     probes = self._queue_probes(probe, loser)
+                if not loser and fault.kind != "isolate" and duration > TAKEOVER_S:
+                    # The witness hears one side at least: that side must go on.
+                    out.problems["no takeover"] = [
+                        f"{fault.label}: nobody acknowledged a write alone within "
+                        f"{duration - 0.2:.1f} s, the witness reachable"]
             time.sleep(max(0.0, t0 + duration - time.monotonic()))
             t1 = time.monotonic()
             fault.heal(self)
@@ -1053,8 +1061,8 @@ class Report:
             (f"lost writes {total['lost writes']}, divergences {total['divergences']}, stale "
              f"reads {total['stale reads']}, impossible reads/blocks "
              f"{total['impossible reads'] + total['impossible blocks']}, two sides at once "
-             f"{total['two sides']}, stuck {total['stuck']}, unmet expectations "
-             f"{total['expectations']}"),
+             f"{total['two sides']}, stuck {total['stuck']}, no takeover "
+             f"{total['no takeover']}, unmet expectations {total['expectations']}"),
             "longest write stall per scenario type: " + ", ".join(
                 f"{t} {s:.2f} s" for t, s in sorted(stalls.items())),
             "failed scenarios: " + (", ".join(f"seed={x.seed} {x.label}" for x in o if not x.ok)

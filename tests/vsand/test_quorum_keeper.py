@@ -152,3 +152,26 @@ async def test_a_vote_won_after_the_peer_joined_again_is_shared_not_kept() -> No
     peer.peer_joined()
     peer.peer_epoch(1)
     assert peer.epoch == 1
+
+
+async def test_every_epoch_won_is_told_and_a_resyncing_peer_adopts_it_when_in_sync() -> None:
+    """The survivor wins epoch 1 while its peer is already linked again but still resyncing:
+    the peer hears of it at once and takes it when its LUNs are in sync, so that its next
+    request asks for epoch 2, not for the spent epoch 1."""
+    h = Harness(witness_answer=0)
+    k = h.keeper
+    told: list[int] = []
+    k.on_epoch = told.append
+    k.link_up("witness")
+    k.link_up("b")
+    k.peer_joined()
+    k.link_lost("b", asyncio.get_running_loop().time() - PEER_TIMEOUT)
+    k.link_up("b")  # back, not in sync yet
+    assert await k.may_go_alone()
+    assert k.epoch == 1 and k.granted and told == [1]
+    peer = Harness().keeper
+    peer.link_up("a")
+    peer.peer_epoch(1)  # the INFO, while it resyncs
+    assert peer.epoch == 0
+    peer.peer_joined()
+    assert peer.epoch == 1
