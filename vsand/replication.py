@@ -246,6 +246,7 @@ class MirroredLun:
         self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
         self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
         self._decided: dict[str, int] = {}  # peer -> link generation of its last decision
+        self._epoch_link = 0  # link generation the current epoch started on
         # id() of a VERIFY request from a peer -> (its origin, request id), until applied.
         self._verify_origins: dict[int, tuple[str, int]] = {}
         self._verify_sums: dict[int, dict[str, bytes]] = {}  # local verify rid -> checksums
@@ -577,7 +578,11 @@ class MirroredLun:
 
     def _engine_message(self, peer: str, msg: wire.Message) -> None:
         engine = self.engine
-        if engine is None or self.role is not Role.IN_SYNC or msg.epoch != self.epoch:
+        # The epoch lives on the link it started on: once that link is gone, what the peer
+        # still sends for it over a new link (before it noticed) may follow a message lost
+        # with the old one, and would leave the engine waiting for it forever.
+        if (engine is None or self.role is not Role.IN_SYNC or msg.epoch != self.epoch
+                or self._link_gen.get(peer, 0) != self._epoch_link):
             log.debug("%s: dropped %s of epoch %d from node %s (epoch %d, %s)", self.label,
                       msg.TYPE.name, msg.epoch, peer, self.epoch, self.role.value)
             return
@@ -862,6 +867,7 @@ class MirroredLun:
     def _start_epoch(self, epoch: int, peer: str) -> None:
         members = {self.node, peer}
         self.epoch = epoch
+        self._epoch_link = self._link_gen.get(peer, 0)
         self.engine = OrderingEngine(self.node, members, min(members))
         self.fresh = False
         self._set_role(Role.IN_SYNC, f"in sync with node {peer}, epoch {epoch}")

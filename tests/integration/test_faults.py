@@ -95,6 +95,9 @@ SYNC_DEADLINE_S = 60.0
 # A node separated from its peer but not from the witness serves alone within this (the
 # peer timeout, the witness's answer, the lost peer's lease, and the checker's pace).
 TAKEOVER_S = 2 * PEER_TIMEOUT + 1.0
+# Writes stop for longer than this only when nobody may serve (all three apart): anything
+# else is a node stuck on something it should have given up.
+STALL_LIMIT_S = TAKEOVER_S + 5.0
 AFTER_SYNC_S = 1.0 if SOAK else 0.5  # traffic once both are in sync again, before stopping
 WAKE_READS_S = 2.5 if SOAK else 1.5  # reads through the node that was apart, after the repair
 WAKE_PACE_S = 0.001
@@ -869,6 +872,9 @@ class FaultRig:
                        and t0 <= op.t_done <= quiet)
         points = [t0, *dones, quiet]
         out.stall_s = max(b - a for a, b in itertools.pairwise(points))
+        if fault.kind != "isolate" and out.stall_s > STALL_LIMIT_S:
+            out.problems["long stalls"] = [f"{fault.label}: no write acknowledged for "
+                                           f"{out.stall_s:.1f} s"]
         history = check_history([op for op in ops if op.kind == "write" or op.t_issue >= start],
                                 [(t0, t1, fault.label)] if fault.apart else [])
         out.problems.update(history)
@@ -1062,7 +1068,8 @@ class Report:
              f"reads {total['stale reads']}, impossible reads/blocks "
              f"{total['impossible reads'] + total['impossible blocks']}, two sides at once "
              f"{total['two sides']}, stuck {total['stuck']}, no takeover "
-             f"{total['no takeover']}, unmet expectations {total['expectations']}"),
+             f"{total['no takeover']}, long stalls {total['long stalls']}, unmet expectations "
+             f"{total['expectations']}"),
             "longest write stall per scenario type: " + ", ".join(
                 f"{t} {s:.2f} s" for t, s in sorted(stalls.items())),
             "failed scenarios: " + (", ".join(f"seed={x.seed} {x.label}" for x in o if not x.ok)
