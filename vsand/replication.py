@@ -704,10 +704,16 @@ class MirroredLun:
     # ------------------------------------------------------------------ links
     def link_up(self, peer: str) -> None:
         # The peer's STATE may have come first and been answered already: one exchange per
-        # link (an operator's choice starts another through choose_survivor).
+        # link (an operator's choice starts another through choose_survivor).  The lower
+        # node asks; the other asks only if nothing was decided a moment later: two requests
+        # crossing could be decided twice, on states of different moments, once the first
+        # exchange ended before the second request arrived.
         if peer not in self._linked:
             self._linked.add(peer)
-            self._start_exchange(peer)
+            if self.node < peer:
+                self._start_exchange(peer)
+            else:
+                self._spawn(self._retry_exchange(peer, self._link_gen.get(peer, 0)))
 
     def _stale(self, peer: str, gen: int, what: str) -> bool:
         """The link ``gen`` named is gone: what was being decided over it is void."""
