@@ -5,13 +5,17 @@ every HEARTBEAT_ACK from the peer (from the time that heartbeat was sent); when 
 lost, ``may_go_alone`` asks the witness for the next epoch (one request shared by every LUN)
 and records a grant before anyone relies on it; a loop re-evaluates ``serving`` a few times per
 heartbeat interval and tells the LUNs when it changes, so that a node whose lease ran out
-stops serving reads as well as writes (its ALUA state turns unavailable).  A refused node
+stops serving reads as well as writes: its ALUA state turns transitioning while the witness
+has not decided (initiators retry the path) and unavailable once it is fenced (initiators
+move to the other node).  A refused node
 asks again every few seconds while its peer stays away: if the peer never got the vote (the
 witness was down when they lost each other), the next request may succeed.
 
-A node that lost its peer counts no lease from it again until every LUN is in sync with it
-(``peer_joined``): the new link's heartbeats would otherwise let it serve its old data while
-its LUNs still wait for the witness's refusal.  And since a stopped or starved process cannot
+The peer's answers count only while this node is joined to it: every LUN in sync with it
+(``peer_joined``) and no loss since, from the start on.  Otherwise a node coming back, or
+starting behind, would serve its old data on the new link's heartbeats while its LUNs still
+wait for the witness's refusal or their resync.  Every epoch change is told to a linked peer
+(``on_epoch``), which adopts it once joined.  And since a stopped or starved process cannot
 notice its lease running out, the connections call ``check`` before executing what they
 received, so that commands that waited in a socket meet the fence, not the old ALUA state.
 

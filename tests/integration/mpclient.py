@@ -72,7 +72,7 @@ class MultipathClient:
             p.conn = conn
         return p.conn
 
-    def _fail(self, p: Path, why: str) -> None:
+    def _fail(self, p: Path) -> None:
         if p.conn is not None:
             p.conn.close()
             p.conn = None
@@ -118,7 +118,7 @@ class MultipathClient:
                     raise RuntimeError(f"status {status:#x} sense {key:x}/{asc} via {p.name}")
                 raise PathError("unit attention twice")
             except (OSError, EOFError, socket.timeout, PathError, AssertionError) as e:
-                self._fail(p, repr(e))
+                self._fail(p)
                 raise PathError(f"{p.name}: {e!r}") from None
 
     def io(self, cdb: bytes, data: bytes = b"", read_len: int = 0) -> bytes | None:

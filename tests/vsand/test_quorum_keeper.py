@@ -45,15 +45,20 @@ class Harness:
     def answered_now(self) -> None:
         self.keeper.heartbeat_answered(time.monotonic_ns())
 
+    def serving_joined(self) -> None:
+        """Witness and peer linked, every LUN in sync, a heartbeat just answered."""
+        k = self.keeper
+        k.link_up("witness")
+        k.link_up("b")
+        k.peer_joined()
+        self.answered_now()
+        k._evaluate()
+
 
 async def test_answers_after_a_lost_peer_count_only_once_it_joined_again() -> None:
     h = Harness(witness_answer=1)  # the witness refuses: the peer moved on without this node
     k = h.keeper
-    k.link_up("witness")
-    k.link_up("b")
-    k.peer_joined()
-    h.answered_now()
-    k._evaluate()
+    h.serving_joined()
     assert k.serving_now
     k.link_lost("b", asyncio.get_running_loop().time())
     assert not await k.may_go_alone()
@@ -72,11 +77,7 @@ async def test_answers_after_a_lost_peer_count_only_once_it_joined_again() -> No
 async def test_a_survivor_keeps_serving_across_the_peers_return() -> None:
     h = Harness(witness_answer=0)
     k = h.keeper
-    k.link_up("witness")
-    k.link_up("b")
-    k.peer_joined()
-    h.answered_now()
-    k._evaluate()
+    h.serving_joined()
     k.link_lost("b", asyncio.get_running_loop().time() - PEER_TIMEOUT)
     assert await k.may_go_alone()
     assert k.granted and k.epoch == 1 and k.serving_now
