@@ -153,7 +153,8 @@ class AdminServer:
             return {"ok": False, "error": "a drill overwrites the LUN's last 256 KiB while it "
                                           "runs (saved first, restored after): consent needed"}
         try:
-            result = await c.drill(str(args.get("lun", "")), float(args.get("seconds", 5)))
+            result = await c.drill(str(args.get("lun", "")), float(args.get("seconds", 5)),
+                                   own_writer=not args.get("external_writer"))
         except (ValueError, KeyError, TimeoutError, OSError) as e:
             return {"ok": False, "error": f"drill: {e}"}
         return {"ok": True, "result": result}

@@ -24,6 +24,7 @@ from .metafiles import FileMetaStore
 from .mirror.handshake import LunInfo, NodeIdentity
 from . import __version__
 from .config import config_to_dict
+from .config_schema import format_address
 from .mirror.messages import (
     Ack, Control, ControlKind, Heartbeat, HeartbeatAck, Message, PeerProtocolError,
 )
@@ -58,8 +59,13 @@ class Cluster:
         assert cc is not None
         self.config = cc
         self.digest = shared_digest(config)
-        self.peer_info: dict[str, dict[str, str]] = {}  # what each peer said of itself
+        self.peer_info: dict[str, dict[str, Any]] = {}  # what each peer said of itself
         self.node = config.node_name
+        # Where initiators reach this node: the advertised portals, a wildcard one by this
+        # node's cluster address (what a drill or an admin on another node can dial).
+        own = cc.node(self.node).host
+        self.portals = [format_address(own if p.advertise_wildcard else p.advertise_host,
+                                       p.advertise_port) for p in config.portals]
         self.meta_dir = os.path.join(config.data_dir, "mirror")
         self.run_blocking = run_blocking
         self.luns: dict[int, MirroredLun] = {}
@@ -146,7 +152,7 @@ class Cluster:
         epoch moves while linked (the peer adopts it once every LUN is in sync)."""
         assert self.quorum is not None
         info = json.dumps({"version": __version__, "config_digest": self.digest,
-                           "epoch": self.quorum.epoch}).encode()
+                           "epoch": self.quorum.epoch, "portals": self.portals}).encode()
         self.send(peer, Control(0, ControlKind.INFO, 0, body=info))
 
     def _epoch_moved(self, epoch: int) -> None:
@@ -190,7 +196,10 @@ class Cluster:
         except (ValueError, KeyError, TypeError):
             log.warning("node %s sent unreadable node information; ignored", peer)
             return
-        self.peer_info[peer] = {"version": version, "config_digest": digest}
+        portals = info.get("portals")
+        self.peer_info[peer] = {"version": version, "config_digest": digest,
+                                "portals": [str(p) for p in portals]
+                                if isinstance(portals, list) else []}
         if self.quorum is not None and isinstance(info.get("epoch"), int):
             self.quorum.peer_epoch(info["epoch"])
         if version != __version__:
@@ -238,12 +247,12 @@ class Cluster:
             m.start_verify()
         return {"lun": m.label, **(m.verify_status() or {})}
 
-    async def drill(self, lun: str, seconds: float) -> dict[str, Any]:
+    async def drill(self, lun: str, seconds: float, own_writer: bool = True) -> dict[str, Any]:
         """``vsanctl drill``: see vsand/drill.py."""
         from .drill import run_drill
         if not 0 < seconds <= MAX_DRILL_S:
             raise ValueError(f"seconds {seconds:g} (allowed: 0 < seconds <= {MAX_DRILL_S})")
-        return await run_drill(self, self._find(lun), seconds)
+        return await run_drill(self, self._find(lun), seconds, own_writer)
 
     def resolve(self, lun: str) -> dict[str, Any]:
         """``vsanctl resolve``: this node's data of LUN ``lun`` (its serial) survives."""
@@ -266,13 +275,14 @@ class Cluster:
                     "rtt_ms": round(link.rtt_avg * 1e3, 3) if link and link.rtt_avg else None,
                     "version": info.get("version"),
                     "config_digest": info.get("config_digest"),
+                    "portals": info.get("portals", []),
                     "drift": [what for what, here, there in (
                         ("version", __version__, info.get("version")),
                         ("config", self.digest, info.get("config_digest")))
                         if there is not None and there != here],
                 }
         return {"cluster": self.config.cluster_id, "node": self.node, "version": __version__,
-                "config_digest": self.digest, "peers": links,
+                "config_digest": self.digest, "portals": self.portals, "peers": links,
                 "quorum": self.quorum.status() if self.quorum is not None else None,
                 "luns": {m.label: m.status() for m in self.luns.values()}}
 

@@ -83,6 +83,8 @@ def _drill(args: argparse.Namespace) -> int:
         print("vsanctl: a drill writes the LUN's last 256 KiB while it runs (saved first, "
               "restored after); add --yes", file=sys.stderr)
         return 2
+    if args.portals or args.path:
+        return _path_drill(args)
     print(f"drill on {args.lun}: verify, then the peer hangs for {args.seconds:g} s ...",
           file=sys.stderr)
     try:
@@ -106,6 +108,48 @@ def _drill(args: argparse.Namespace) -> int:
               f"{r['verify_after']['differ']} differ")
     ok = (r["lost_writes"] == 0 and r["verify_before"]["differ"] == 0
           and r["verify_after"]["differ"] == 0)
+    return 0 if ok else 3
+
+
+def _path_drill(args: argparse.Namespace) -> int:
+    from .config_schema import read_secret_file
+    from .drill_paths import run_path_drill
+    from .initiator import IoFailed, PathError
+    chap = None
+    try:
+        if args.chap_user:
+            if not args.chap_secret_file:
+                raise ValueError("--chap-user needs --chap-secret-file")
+            try:
+                chap = (args.chap_user, read_secret_file(args.chap_secret_file))
+            except ValueError as e:
+                raise ValueError(f"{args.chap_secret_file} {e}") from None
+        r = run_path_drill(args.socket, args.lun, args.seconds, paths=args.path or [],
+                           initiator=args.initiator_name, chap=chap,
+                           io_timeout=args.io_timeout,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (OSError, RuntimeError, ValueError, PathError, IoFailed) as e:
+        print(f"vsanctl: drill: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        lost = ", ".join(f"{p} {n}" for p, n in r["lost_by_path"].items())
+        print(f"{r['lun']}: peer {r['peer']} hung for {r['freeze_s']:g} s; writes through "
+              f"{', '.join(r['paths'])}\n"
+              f"  verify before: {r['verify_before']['regions']} regions, "
+              f"{r['verify_before']['differ']} differ\n"
+              f"  RTO: longest write stall {r['stall_s']} s; {r['write_errors']} error(s) "
+              f"reached the application; {r['retried_on_another_path']} command(s) sent again "
+              f"on another path; {r['writes_acknowledged']} writes acknowledged\n"
+              f"  RPO: {r['lost_writes']} acknowledged write(s) lost (read back per path: "
+              f"{lost})\n"
+              f"  peer back in sync after {r['rejoin_s']} s (quorum epoch "
+              f"{r['quorum_epoch']})\n"
+              f"  verify after: {r['verify_after']['regions']} regions, "
+              f"{r['verify_after']['differ']} differ")
+    ok = (r["lost_writes"] == 0 and r["write_errors"] == 0
+          and r["verify_before"]["differ"] == 0 and r["verify_after"]["differ"] == 0)
     return 0 if ok else 3
 
 
@@ -143,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 5; more than the peer timeout, or nothing fails over)")
     d.add_argument("--yes", action="store_true", help="required: the drill writes the LUN's "
                    "last 256 KiB (saved before, restored after); writes of others there are lost")
+    d.add_argument("--portals", action="store_true", help="write as a multipath initiator "
+                   "through this node's and the peer's first portals (iSCSI), not inside the "
+                   "daemon: the stall includes the path switch")
+    d.add_argument("--path", action="append", metavar="HOST:PORT",
+                   help="a portal to write through (repeat; implies --portals)")
+    d.add_argument("--initiator-name", default="iqn.2026-11.org.vsand:drill",
+                   help="the drill's initiator IQN (an ACL must admit it)")
+    d.add_argument("--chap-user", help="CHAP user name, if the target asks for CHAP")
+    d.add_argument("--chap-secret-file", help="the CHAP secret (a file, mode 0600)")
+    d.add_argument("--io-timeout", type=float, default=5.0,
+                   help="seconds before a command that got no answer fails over to another "
+                        "path (default 5, as open-iscsi's NOP timeout)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)

@@ -14,17 +14,19 @@ Run on one node (here), for one mirrored LUN in sync:
    writes), and verify runs again (the replicas must be identical).
 
 The stall is the longest gap between two acknowledged writes around the failure: the RTO a
-writer on the surviving node saw (detection, quorum, the peer's lease).  The writes do not go
-through iSCSI, so an initiator's own path switching comes on top of it.
+writer on the surviving node saw (detection, quorum, the peer's lease).  These writes do not
+go through iSCSI; ``vsanctl drill --portals`` writes through every node's portal as an
+initiator instead (vsand/drill_paths.py), and this side then only runs steps 1 and 3
+(``own_writer=False``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+from .drill_paths import REGION, WRITE, longest_stall, lost_writes, stamped
 from .mirror.messages import Control, ControlKind
 from .protocol.block import BlockOp, BlockRequest
 from .replication import Role
@@ -33,25 +35,30 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .replication import MirroredLun
 
-REGION = 256 * 1024
-WRITE = 4096
-_STAMP = struct.Struct(">QQ")
 REJOIN_DEADLINE = 120.0
+LEAD_S = 0.5  # writes acknowledged before the failure: the stall is measured from them
 
 
-async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float) -> dict[str, Any]:
+async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float,
+                    own_writer: bool = True) -> dict[str, Any]:
     if m.role is not Role.IN_SYNC:
         raise ValueError(f"{m.label} is {m.role.value}: a drill needs both replicas in sync")
     (peer,) = m.peers
     if cluster.endpoint is None or peer not in cluster.endpoint.links:
         raise ValueError(f"no link to node {peer}")
+    report: dict[str, Any] = {"lun": m.label, "peer": peer, "freeze_s": seconds}
+    if not own_writer:
+        report["verify_before"] = await _verify(m)
+        await asyncio.sleep(LEAD_S)
+        failed_at, rejoined_at = await _fail_peer(cluster, m, peer, seconds)
+        report.update(failed_at=failed_at, rejoin_s=round(rejoined_at - failed_at, 2),
+                      quorum_epoch=cluster.quorum.epoch if cluster.quorum else None)
+        return report
     bs = m.lun.block_size
     blocks = REGION // bs
     per_write = WRITE // bs
     lba0 = m.lun.unit.params.blocks - blocks
     saved = bytes(await m.lun.apply_block(BlockRequest(BlockOp.READ, lba0, blocks)))
-    report: dict[str, Any] = {"lun": m.label, "peer": peer, "freeze_s": seconds}
-
     report["verify_before"] = await _verify(m)
     acks: list[tuple[float, int, int]] = []  # (when, slot, version)
     errors = 0
@@ -60,10 +67,8 @@ async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float) -> dict[st
     async def writer() -> None:
         nonlocal errors
         version = 0
-        slots = REGION // WRITE
         while not stop.is_set():
-            slot = version % slots
-            data = _STAMP.pack(slot, version) * (WRITE // _STAMP.size)
+            slot, data = stamped(version)
             try:
                 await m.submit(BlockRequest(BlockOp.WRITE, lba0 + slot * per_write, per_write,
                                             data))
@@ -79,38 +84,39 @@ async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float) -> dict[st
 
     task = asyncio.ensure_future(writer())
     try:
-        await asyncio.sleep(0.5)
-        failed_at = time.monotonic()
-        cluster.send(peer, Control(0, ControlKind.DRILL, 0, value=int(seconds * 1000)))
-        await asyncio.sleep(seconds + 0.5)
-        deadline = time.monotonic() + REJOIN_DEADLINE
-        while m.role is not Role.IN_SYNC:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node {peer} did not rejoin within {REJOIN_DEADLINE:g} s")
-            await asyncio.sleep(0.1)
-        rejoined_at = time.monotonic()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(LEAD_S)
+        failed_at, rejoined_at = await _fail_peer(cluster, m, peer, seconds)
     finally:
         stop.set()
         await task
 
-    times = [t for t, _, _ in acks if t >= failed_at - 0.5]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    latest: dict[int, int] = {}
-    for _, slot, version in acks:
-        latest[slot] = version
     now = bytes(await m.lun.apply_block(BlockRequest(BlockOp.READ, lba0, blocks)))
-    lost = sum(1 for slot, version in latest.items()
-               if now[slot * WRITE:slot * WRITE + _STAMP.size] != _STAMP.pack(slot, version))
+    lost = lost_writes(acks, now)
     report.update(
         writes_acknowledged=len(acks), write_errors=errors,
-        stall_s=round(max(gaps, default=0.0), 3),
+        stall_s=longest_stall(acks, failed_at),
         rejoin_s=round(rejoined_at - failed_at, 2),
         lost_writes=lost,
         quorum_epoch=cluster.quorum.epoch if cluster.quorum is not None else None)
     report["verify_after"] = await _verify(m)
     await m.submit(BlockRequest(BlockOp.WRITE, lba0, blocks, saved))
     return report
+
+
+async def _fail_peer(cluster: Cluster, m: MirroredLun, peer: str,
+                     seconds: float) -> tuple[float, float]:
+    """The peer hangs for ``seconds``; (when it was told, when it was in sync again)."""
+    failed_at = time.monotonic()
+    cluster.send(peer, Control(0, ControlKind.DRILL, 0, value=int(seconds * 1000)))
+    await asyncio.sleep(seconds + 0.5)
+    deadline = time.monotonic() + REJOIN_DEADLINE
+    while m.role is not Role.IN_SYNC:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {peer} did not rejoin within {REJOIN_DEADLINE:g} s")
+        await asyncio.sleep(0.1)
+    rejoined_at = time.monotonic()
+    await asyncio.sleep(0.5)
+    return failed_at, rejoined_at
 
 
 async def _verify(m: MirroredLun) -> dict[str, int]:
