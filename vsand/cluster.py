@@ -102,12 +102,15 @@ class Cluster:
             identity, cc.secret, [p.name for p in dial], on_up=self._up,
             on_message=self._message, on_lost=self._lost,
             heartbeat_interval=cc.heartbeat_interval, heartbeat_timeout=cc.peer_timeout)
+        endpoint.local_addresses = cc.node(self.node).addresses
         await endpoint.listen(cc.listen_host, cc.listen_port)
         log.info("cluster %s: node %s, replication on %s:%d, %d mirrored LUN(s), peers %s",
                  cc.cluster_id, self.node, cc.listen_host, cc.listen_port, len(self.luns),
-                 ", ".join(f"{p.name} ({p.host}:{p.port})" for p in peers))
+                 ", ".join(f"{p.name} ({', '.join(format_address(*a) for a in p.addresses)})"
+                           for p in peers))
         for p in dial:
-            endpoint.connect(p.name, p.host, p.port)
+            for path, (host, port) in enumerate(p.addresses):
+                endpoint.connect(p.name, host, port, path)
         quorum.on_epoch = self._epoch_moved
         quorum.start()
         self._startup = asyncio.get_running_loop().call_later(cc.startup_wait,
@@ -181,7 +184,8 @@ class Cluster:
                 raise PeerProtocolError(f"DRILL of {seconds:g} s")
             log.warning("failover drill from node %s: playing a hung node for %g s", peer,
                         seconds)
-            link.freeze(seconds)
+            for each in self.endpoint.links_of(peer) if self.endpoint else [link]:
+                each.freeze(seconds)  # every network: a hung node is silent on all
             return
         m = self.luns.get(getattr(msg, "lun", -1))
         if m is None or m.lun_id not in link.common_luns:
@@ -272,6 +276,10 @@ class Cluster:
                 links[p.name] = {
                     "address": f"{p.host}:{p.port}",
                     "state": "up" if link is not None else "down",
+                    "links": [{"link": i, "address": format_address(*a),
+                               "state": "up" if (p.name, i) in endpoint.paths else "down",
+                               "active": link is not None and link.path == i}
+                              for i, a in enumerate(p.addresses)],
                     "rtt_ms": round(link.rtt_avg * 1e3, 3) if link and link.rtt_avg else None,
                     "version": info.get("version"),
                     "config_digest": info.get("config_digest"),

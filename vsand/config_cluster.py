@@ -12,7 +12,7 @@ Layout (``id``, ``nodes`` and one of ``secret``/``secret_file`` are required)::
         - name: node-a
           address: 192.0.2.10:3270  # where the peers dial it; port default 3270
         - name: node-b
-          address: 192.0.2.11:3270
+          address: [192.0.2.11:3270, 198.51.100.11:3270]  # or one per network (link)
       heartbeat_interval: 0.5       # seconds, 0.05..10
       peer_timeout: 3.0             # seconds of silence before a peer leaves the in-sync set;
                                     # more than 2 heartbeat intervals
@@ -20,6 +20,13 @@ Layout (``id``, ``nodes`` and one of ``secret``/``secret_file`` are required)::
       startup_wait: 10              # seconds a starting node waits for its peers, 0..600
       witness: 192.0.2.12:3270      # optional: `vsand witness` there is the third vote; a
                                     # node serves only with two votes (mirror/quorum.py)
+
+Several networks between the nodes: ``address`` lists one address per network, the same
+number on every node (the i-th addresses of all nodes form link i), all of one node's on one
+port.  The nodes link over every network and heartbeat on each; one link carries the
+replication, and when it fails the nodes start over on another one that works (a failover of
+the in-sync set, as on any loss, then a resync of what was written meanwhile), instead of
+staying apart until the failed network is repaired.  ``listen`` must then be a wildcard.
 
 The section is meant to be the same in every node's file; ``node.name`` says which node a
 file is for.  A LUN's ``mirror`` key (default true inside a cluster) puts it in the mirror;
@@ -44,7 +51,7 @@ from typing import Any, Final
 
 from vsand.config_schema import (
     ADDRESS_ALLOWED, MISSING, REDACTED, SECRET_MAX, Errors, Section, format_address,
-    format_size, is_wildcard, join, parse_address, read_secret_file,
+    format_size, is_wildcard, join, mistyped, parse_address, read_secret_file,
 )
 from vsand.mirror.handshake import MIN_SECRET
 
@@ -60,6 +67,7 @@ CLUSTER_KEYS: Final = ("id", "secret", "secret_file", "listen", "nodes", "witnes
 NODE_KEYS: Final = ("name", "address")
 MIN_NODES: Final = 2
 MAX_NODES: Final = 3
+MAX_LINKS: Final = 4
 MAX_CLUSTER_SECRET: Final = 1024
 WITNESS_NAME: Final = "witness"
 MAX_CLUSTER_ID: Final = 64
@@ -75,8 +83,14 @@ _PATH_ALLOWED: Final = "a file path; relative paths are relative to the config f
 @dataclass(frozen=True, slots=True)
 class ClusterNode:
     name: str
-    host: str  # where the peers dial this node; never a wildcard
+    host: str  # where the peers dial this node (its first address); never a wildcard
     port: int
+    more: tuple[tuple[str, int], ...] = ()  # its addresses on further networks (links 1..)
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """One address per link, link 0 first."""
+        return ((self.host, self.port), *self.more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +205,10 @@ def read_cluster(top: Section, node_name: str | None, check_path: Callable[[str]
                 sec.error("listen", f"{text!r} {exc} (allowed: {ADDRESS_ALLOWED})")
     elif me is not None:
         listen = ("::" if ":" in me.host else "0.0.0.0", me.port)
+    if listen is not None and me is not None and me.more and not is_wildcard(listen[0]):
+        sec.error("listen", f"{format_address(*listen)} is one address, but this node has "
+                            f"{1 + len(me.more)} (allowed: a wildcard such as 0.0.0.0:"
+                            f"{listen[1]}, or no listen key, so that every link is accepted)")
     if listen is not None:
         binds.append((sec.at("listen"), listen))
 
@@ -282,6 +300,7 @@ def _read_nodes(sec: Section, node_name: str | None) -> list[ClusterNode]:
     nodes: list[ClusterNode] = []
     names: dict[str, str] = {}  # name -> key path of its first use
     addresses: dict[tuple[str, int], str] = {}
+    links: tuple[int, str] | None = None  # addresses per node, and who said so first
     items = sec.items("nodes", f"every node of the cluster, this one included, "
                                f"{MIN_NODES}..{MAX_NODES} entries")
     if items and not MIN_NODES <= len(items) <= MAX_NODES:
@@ -296,30 +315,63 @@ def _read_nodes(sec: Section, node_name: str | None) -> list[ClusterNode]:
                 entry.error("name", f"{name!r} is already used by {names[name]} (allowed: a "
                                     f"name unique among the nodes)")
             names.setdefault(name, join(path, "name"))
-        text = entry.string("address", None, ADDRESS_ALLOWED, "where the peers reach this "
-                            f"node, host:port (port default {CLUSTER_PORT})")
-        address = None
-        if text is not None:
-            try:
-                address = parse_address(text, CLUSTER_PORT)
-            except ValueError as exc:
-                entry.error("address", f"{text!r} {exc} (allowed: {ADDRESS_ALLOWED})")
-        if address is not None and is_wildcard(address[0]):
-            entry.error("address", f"{address[0]!r} is a wildcard, which peers cannot connect "
-                                   f"to (allowed: a concrete address or host name)")
-            address = None
-        if address is not None:
-            if address in addresses:
-                entry.error("address", f"{format_address(*address)} is already used by "
-                                       f"{addresses[address]} (allowed: an address unique "
-                                       f"among the nodes)")
-            addresses.setdefault(address, join(path, "address"))
-        if name is not None and address is not None:
-            nodes.append(ClusterNode(name, address[0], address[1]))
+        found = _read_addresses(entry, path, addresses)
+        if found is not None:
+            if links is None:
+                links = (len(found), join(path, "address"))
+            elif len(found) != links[0]:
+                entry.error("address", f"lists {len(found)} address(es), {links[1]} "
+                                       f"{links[0]} (allowed: as many as every other node: "
+                                       f"the i-th addresses of all nodes form link i)")
+        if name is not None and found is not None:
+            nodes.append(ClusterNode(name, found[0][0], found[0][1], tuple(found[1:])))
     if node_name is not None and items and node_name not in names:
         sec.error("nodes", f"no entry is named {node_name!r}, this file's node.name (required: "
                            f"an entry for this node; node.name defaults to the host name)")
     return nodes
+
+
+def _read_addresses(entry: Section, path: str, seen: dict[tuple[str, int], str]
+                    ) -> list[tuple[str, int]] | None:
+    """A node's ``address``: one host:port, or a list of them (one per link)."""
+    allowed = (f"host:port (port default {CLUSTER_PORT}), or a list of 1..{MAX_LINKS} of "
+               "them, one per network")
+    raw = entry.raw("address")
+    if raw is MISSING:
+        entry.error("address", f"missing (required: where the peers reach this node, "
+                               f"{allowed})")
+        return None
+    texts = raw if isinstance(raw, list) else [raw]
+    if not 1 <= len(texts) <= MAX_LINKS:
+        entry.error("address", f"lists {len(texts)} addresses (allowed: {allowed})")
+        return None
+    out: list[tuple[str, int]] = []
+    for i, text in enumerate(texts):
+        key = "address" if not isinstance(raw, list) else f"address[{i}]"
+        if not isinstance(text, str):
+            entry.error(key, f"{mistyped(text, 'a string')} (allowed: {allowed})")
+            return None
+        try:
+            address = parse_address(text, CLUSTER_PORT)
+        except ValueError as exc:
+            entry.error(key, f"{text!r} {exc} (allowed: {ADDRESS_ALLOWED})")
+            return None
+        if is_wildcard(address[0]):
+            entry.error(key, f"{address[0]!r} is a wildcard, which peers cannot connect to "
+                             f"(allowed: a concrete address or host name)")
+            return None
+        if address in seen:
+            entry.error(key, f"{format_address(*address)} is already used by "
+                             f"{seen[address]} (allowed: an address unique among the nodes)")
+            return None
+        if out and address[1] != out[0][1]:
+            entry.error(key, f"port {address[1]} is not the port of the node's first address "
+                             f"({out[0][1]}) (allowed: one port for all of a node's addresses:"
+                             f" one listener accepts every link)")
+            return None
+        seen[address] = join(path, key)
+        out.append(address)
+    return out
 
 
 def cluster_to_dict(cluster: ClusterConfig) -> dict[str, Any]:
@@ -330,8 +382,8 @@ def cluster_to_dict(cluster: ClusterConfig) -> dict[str, Any]:
     else:
         out["secret"] = REDACTED
     out["listen"] = format_address(cluster.listen_host, cluster.listen_port)
-    out["nodes"] = [{"name": n.name, "address": format_address(n.host, n.port)}
-                    for n in cluster.nodes]
+    out["nodes"] = [{"name": n.name, "address": format_address(n.host, n.port) if not n.more
+                     else [format_address(*a) for a in n.addresses]} for n in cluster.nodes]
     out["heartbeat_interval"] = cluster.heartbeat_interval
     out["peer_timeout"] = cluster.peer_timeout
     out["resync_rate"] = format_size(cluster.resync_rate)

@@ -110,13 +110,22 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
                             labels=["peer"])
     drift = GaugeMetricFamily("vsand_peer_drift", "1 when a peer runs another vsand version "
                               "or another shared configuration", labels=["peer", "what"])
+    link_up = GaugeMetricFamily("vsand_peer_link_up", "each network's link to a peer up (1) "
+                                "or down (0)", labels=["peer", "link"])
+    link_active = GaugeMetricFamily("vsand_peer_link_active", "1 for the link that carries "
+                                    "the replication to a peer", labels=["peer", "link"])
     for name, p in status["peers"].items():
         peer_up.add_metric([name], 1 if p["state"] == "up" else 0)
+        for each in p.get("links", ()):
+            link_up.add_metric([name, str(each["link"])], 1 if each["state"] == "up" else 0)
+            link_active.add_metric([name, str(each["link"])], 1 if each["active"] else 0)
         for what in ("version", "config"):
             drift.add_metric([name, what], 1 if what in p.get("drift", ()) else 0)
         if p["rtt_ms"] is not None:
             rtt.add_metric([name], p["rtt_ms"] / 1e3)
     yield peer_up
+    yield link_up
+    yield link_active
     yield rtt
     yield drift
     q = status.get("quorum")

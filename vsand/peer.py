@@ -10,20 +10,31 @@ declared dead.  Any loss (silence, EOF, reset, GOODBYE, malformed frame, local c
 reported exactly once through ``on_lost``, and only for a link that was reported up.
 
 A ``PeerEndpoint`` owns all of a node's links: it accepts on a port, dials peers with a
-reconnect loop, and keeps at most one link per peer.  When two links to the same peer
-complete their handshakes (both nodes dialled at once), both ends apply the same rule and so
-keep the same TCP connection: the link dialled by the node with the lower node id wins.
+reconnect loop, and keeps at most one link per peer and network (link index: the i-th
+address of every node).  When two links to the same peer over the same network complete
+their handshakes (both nodes dialled at once), both ends apply the same rule and so keep the
+same TCP connection: the link dialled by the node with the lower node id wins.
+
+Several networks: every link heartbeats (a dead network shows as a down link while the
+others still work), and one link per peer is *active*: the first one up.  The caller sees
+only active links (``on_up``/``on_lost``, ``links``) and sends on them; messages arriving
+on any link of the peer are delivered, since the peer may have picked another one.  When an
+active link is lost, every other link to that peer is closed too: the peer then loses its
+active link as well, whichever it was, so both ends start over together (a new exchange of
+states, on the first link that comes up again) instead of one end replicating into a stream
+the other has given up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 from .mirror.handshake import Handshake, LinkRole, LunInfo, NodeIdentity, RandomBytes
@@ -94,6 +105,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.rtt_avg: float | None = None
         self.last_rx = 0.0  # loop.time() of the last received bytes
         self.heartbeats_sent = 0
+        self.path = 0  # which network: the index of the address it was dialled at
         self._loop = asyncio.get_running_loop()
         self._reader = MessageReader()
         self._out: list[Buffer] = []
@@ -429,10 +441,14 @@ class PeerEndpoint:
         self.handshake_timeout = handshake_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.links: dict[str, PeerLink] = {}  # one UP link per peer node id
+        self.links: dict[str, PeerLink] = {}  # the active link per peer node id
+        self.paths: dict[tuple[str, int], PeerLink] = {}  # every UP link, by (peer, path)
+        # This node's addresses, one per network: an accepted link's path is the index of
+        # the address it was dialled at.
+        self.local_addresses: Sequence[tuple[str, int]] = ()
         self._all: set[PeerLink] = set()  # every link with a socket, handshaking ones too
         self._servers: list[asyncio.Server] = []
-        self._dialers: dict[str, asyncio.Task[None]] = {}
+        self._dialers: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._closed = False
         self._handshake(LinkRole.SYNC)  # a bad secret or identity fails here, not per link
 
@@ -444,7 +460,8 @@ class PeerEndpoint:
         self._all = {link for link in self._all if not link._gone.done()}
         # An accepting side passes no role: it says nothing until the caller's HELLO.
         link = PeerLink(self._handshake(LinkRole.SYNC if dialled else None), dialled=dialled,
-                        on_up=self.on_up, on_message=self.on_message, on_lost=self._link_lost,
+                        on_up=self._link_up, on_message=self.on_message,
+                        on_lost=self._link_lost,
                         on_ready=self._link_ready, expected_peer=expected,
                         heartbeat_interval=self.heartbeat_interval,
                         heartbeat_timeout=self.heartbeat_timeout,
@@ -461,21 +478,29 @@ class PeerEndpoint:
         self._servers.append(server)
         return server
 
-    def connect(self, peer: str, host: str, port: int) -> None:
-        """Keep a link to ``peer`` at (host, port): dial now and again whenever it is lost."""
+    def connect(self, peer: str, host: str, port: int, path: int = 0) -> None:
+        """Keep a link to ``peer`` at (host, port), its address on network ``path``: dial
+        now and again whenever it is lost."""
         if self._closed:
             raise RuntimeError("endpoint is closed")
         if peer not in self.peers_allowed:
             raise ValueError(f"node {peer!r} is not an allowed peer")
-        if peer in self._dialers:
-            raise ValueError(f"already dialling node {peer!r}")
-        self._dialers[peer] = asyncio.create_task(self._redial(peer, host, port),
-                                                  name=f"vsand-peer-dial-{peer}")
+        if (peer, path) in self._dialers:
+            raise ValueError(f"already dialling node {peer!r} on link {path}")
+        self._dialers[(peer, path)] = asyncio.create_task(
+            self._redial(peer, host, port, path), name=f"vsand-peer-dial-{peer}-{path}")
 
-    async def dial_once(self, peer: str, host: str, port: int) -> PeerLink | None:
+    def links_of(self, peer: str) -> list[PeerLink]:
+        """Every link up to ``peer``, by path."""
+        return [link for (p, _), link in sorted(self.paths.items(), key=lambda kv: kv[0])
+                if p == peer]
+
+    async def dial_once(self, peer: str, host: str, port: int,
+                        path: int = 0) -> PeerLink | None:
         """One attempt: the link if it came up and was kept, else None."""
         loop = asyncio.get_running_loop()
         link = self._new_link(dialled=True, expected=peer)
+        link.path = path
         try:
             await asyncio.wait_for(loop.create_connection(lambda: link, host, port),
                                    self.handshake_timeout)
@@ -485,14 +510,15 @@ class PeerEndpoint:
                       e or type(e).__name__)
             return None
         await link.wait_settled()  # bounded by the link's handshake deadline
-        return link if self.links.get(peer) is link else None
+        return link if self.paths.get((peer, path)) is link else None
 
-    async def _redial(self, peer: str, host: str, port: int) -> None:
+    async def _redial(self, peer: str, host: str, port: int, path: int) -> None:
         delay = self.backoff_min
         failures = 0
         while not self._closed:
             try:
-                link = self.links.get(peer) or await self.dial_once(peer, host, port)
+                link = (self.paths.get((peer, path))
+                        or await self.dial_once(peer, host, port, path))
             except Exception:  # e.g. a bad address: keep trying rather than die unseen
                 log.exception("peer link to node %s at %s:%d: dial failed", peer, host, port)
                 link = None
@@ -525,7 +551,9 @@ class PeerEndpoint:
                         link.address, link.expected_peer, peer)
             link.close(f"dialled node {link.expected_peer}, reached node {peer}")
             return False
-        old = self.links.get(peer)
+        if not link.dialled:
+            link.path = self._path_of(link)
+        old = self.paths.get((peer, link.path))
         if old is not None:
             keep = _preferred(old, link)
             lose = link if keep is old else old
@@ -534,17 +562,59 @@ class PeerEndpoint:
             lose.close(DUPLICATE)  # reports old's loss first if old loses
             if keep is old:
                 return False
-        self.links[peer] = link
+        self.paths[(peer, link.path)] = link
+        self.links.setdefault(peer, link)
         return True
+
+    def _path_of(self, link: PeerLink) -> int:
+        """The network an accepted link came by: which of this node's addresses was dialled
+        (0 when none matches, e.g. behind address translation)."""
+        sockname = link.transport.get_extra_info("sockname") if link.transport else None
+        if not sockname or len(self.local_addresses) < 2:
+            return 0
+        try:
+            local = ipaddress.ip_address(sockname[0])
+            if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+                local = local.ipv4_mapped
+        except ValueError:
+            return 0
+        for i, (host, _) in enumerate(self.local_addresses):
+            try:
+                if ipaddress.ip_address(host) == local:
+                    return i
+            except ValueError:
+                continue  # a host name: not comparable with the socket's address
+        return 0
+
+    def _link_up(self, link: PeerLink) -> None:
+        peer = link.peer_id
+        if peer is not None and self.links.get(peer) is link:
+            if self.on_up is not None:
+                self.on_up(link)
+        else:
+            log.info("peer link %d to node %s up (standby: link %d carries the replication)",
+                     link.path, peer, self.links[peer].path if peer in self.links else -1)
 
     def _link_lost(self, link: PeerLink, reason: str) -> None:
         peer = link.peer_id
-        if peer is not None and self.links.get(peer) is link:
-            del self.links[peer]
-            try:
-                self.on_lost(link, reason)
-            except Exception:
-                log.exception("peer link %s: on_lost failed", link._name())
+        if peer is None:
+            return
+        if self.paths.get((peer, link.path)) is link:
+            del self.paths[(peer, link.path)]
+        if self.links.get(peer) is not link:
+            return  # a standby link: its dialer brings it back
+        del self.links[peer]
+        others = self.links_of(peer)
+        # The peer's votes and leases may have come over any link: its silence counts from
+        # the last thing any of them received.
+        link.last_rx = max([link.last_rx, *(o.last_rx for o in others)])
+        for other in others:
+            other.close(f"link {link.path}, which carried the replication, was lost: every "
+                        "link starts over")
+        try:
+            self.on_lost(link, reason)
+        except Exception:
+            log.exception("peer link %s: on_lost failed", link._name())
 
     async def close(self, grace: float = 1.0) -> None:
         """Stop accepting and dialling, say GOODBYE on every link, wait for the sockets."""

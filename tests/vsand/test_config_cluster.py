@@ -267,6 +267,60 @@ def test_node_addresses_are_unique(tmp_path: Path) -> None:
               "cluster.nodes[0].address")
 
 
+def two_networks(data: dict[str, Any]) -> dict[str, Any]:
+    for i, node in enumerate(data["cluster"]["nodes"]):
+        node["address"] = [f"192.0.2.{10 + i}:3270", f"198.51.100.{10 + i}:3270"]
+    return data
+
+
+def test_one_address_per_network(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, two_networks(base(tmp_path))))
+    assert cfg.cluster is not None
+    a, b = cfg.cluster.nodes
+    assert b.addresses == (("192.0.2.11", 3270), ("198.51.100.11", 3270))
+    assert (b.host, b.port) == ("192.0.2.11", 3270)  # the first: link 0
+    assert cfg.cluster.listen_host == "0.0.0.0"
+    assert config_to_dict(cfg)["cluster"]["nodes"][1]["address"] == [
+        "192.0.2.11:3270", "198.51.100.11:3270"]
+    again = parse_config(dump_config(cfg).replace("(redacted)", SECRET), cfg.source)
+    assert again.cluster == cfg.cluster
+
+
+def test_every_node_has_as_many_addresses(tmp_path: Path) -> None:
+    data = two_networks(base(tmp_path))
+    data["cluster"]["nodes"][1]["address"] = "192.0.2.11:3270"
+    one_error(tmp_path, data, "cluster.nodes[1].address", "lists 1", "cluster.nodes[0].address",
+              "2")
+
+
+@pytest.mark.parametrize("second, key, problem", [
+    ("198.51.100.11:3271", "address[1]", "port 3271"),
+    ("0.0.0.0:3270", "address[1]", "wildcard"),
+    ("192.0.2.10:3270", "address[1]", "already used by cluster.nodes[0].address[0]"),
+    (3270, "address[1]", "not a string"),
+])
+def test_bad_addresses_in_a_list(tmp_path: Path, second: Any, key: str, problem: str) -> None:
+    data = two_networks(base(tmp_path))
+    data["cluster"]["nodes"][1]["address"][1] = second
+    one_error(tmp_path, data, f"cluster.nodes[1].{key}", problem)
+
+
+def test_address_list_length(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["cluster"]["nodes"][1]["address"] = [f"198.51.{n}.1" for n in range(5)]
+    one_error(tmp_path, data, "cluster.nodes[1].address", "lists 5")
+    data["cluster"]["nodes"][1]["address"] = []
+    one_error(tmp_path, data, "cluster.nodes[1].address", "lists 0")
+
+
+def test_several_addresses_need_a_wildcard_listener(tmp_path: Path) -> None:
+    data = two_networks(base(tmp_path))
+    data["cluster"]["listen"] = "192.0.2.10:3270"
+    one_error(tmp_path, data, "cluster.listen", "one address", "wildcard")
+    data["cluster"]["listen"] = "0.0.0.0:3270"
+    assert load_config(write(tmp_path, data)).cluster is not None
+
+
 @pytest.mark.parametrize("secret", ["", "s" * (MIN_SECRET - 1), "s" * 1025])
 def test_inline_secret_length(tmp_path: Path, secret: str) -> None:
     data = base(tmp_path)

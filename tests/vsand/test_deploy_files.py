@@ -62,7 +62,9 @@ def _fake_daemon() -> Any:
                                    "finished_unix": 1.0e9}})
     cluster = SimpleNamespace(
         luns={1: mirror},
-        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": []}},
+        status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": [],
+                                             "links": [{"link": 0, "state": "up",
+                                                        "active": True}]}},
                         "quorum": {"serving": True, "epoch": 3, "enabled": True,
                                    "witness": "up"}})
     return SimpleNamespace(config=SimpleNamespace(node_name="node-a"), registry=registry,
@@ -295,6 +297,24 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
         {"eval_time": "45m", "alertname": "VsandResyncStuck",
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470",
                                         "lun": "S1", "severity": "warning"}}]},
+    ],
+}, {
+    "interval": "1m",
+    "input_series": [
+        # peer n2 linked over network 0 while network 1 is down from minute 1; peer n3 gone
+        # altogether (VsandPeerDown's case, not this one's)
+        {"series": f'vsand_peer_up{{{J}, {I}, peer="n2"}}', "values": "1x20"},
+        {"series": f'vsand_peer_link_up{{{J}, {I}, peer="n2", link="0"}}', "values": "1x20"},
+        {"series": f'vsand_peer_link_up{{{J}, {I}, peer="n2", link="1"}}',
+         "values": "1 0x19"},
+        {"series": f'vsand_peer_up{{{J}, {I}, peer="n3"}}', "values": "0x20"},
+        {"series": f'vsand_peer_link_up{{{J}, {I}, peer="n3", link="0"}}', "values": "0x20"},
+    ],
+    "alert_rule_test": [
+        {"eval_time": "3m", "alertname": "VsandPeerNetworkDown", "exp_alerts": []},
+        {"eval_time": "8m", "alertname": "VsandPeerNetworkDown",
+         "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "peer": "n2",
+                                        "link": "1", "severity": "warning"}}]},
     ],
 }]
 

@@ -443,6 +443,77 @@ async def test_stopped_reader_loses_the_link(nodes: Cluster) -> None:
     await until(lambda: "a" in b.ep.links and "b" in a.ep.links)  # and b redials
 
 
+# ---------------------------------------------------------------- several networks
+HOST2 = "127.0.0.2"  # a second loopback address: a second network between the same nodes
+
+
+async def two_link_pair(nodes: Cluster) -> tuple[Node, Node]:
+    """a and b, each listening on the wildcard and reachable at 127.0.0.1 (link 0) and
+    127.0.0.2 (link 1); both dial both of the other's addresses."""
+    a, b = nodes(A, **FAST), nodes(B, **FAST)
+    for node in (a, b):
+        server = await node.ep.listen("0.0.0.0", 0)
+        node.port = server.sockets[0].getsockname()[1]
+        node.ep.local_addresses = ((HOST, node.port), (HOST2, node.port))
+    for node, other, name in ((a, b, "b"), (b, a, "a")):
+        node.ep.connect(name, HOST, other.port, 0)
+        node.ep.connect(name, HOST2, other.port, 1)
+    await until(lambda: len(a.ep.links_of("b")) == 2 and len(b.ep.links_of("a")) == 2)
+    return a, b
+
+
+async def test_every_network_gets_a_link_and_one_carries_the_replication(
+        nodes: Cluster) -> None:
+    a, b = await two_link_pair(nodes)
+    await asyncio.sleep(0.3)  # duplicates settle (both ends dialled every network)
+    assert [link.path for link in a.ep.links_of("b")] == [0, 1]
+    assert sorted(link.path for link in b.ep.links_of("a")) == [0, 1]
+    for la, lb in zip(a.ep.links_of("b"), b.ep.links_of("a")):
+        assert _same_connection(la, lb)  # both ends agree which connection is which link
+    # The caller saw one link come up per peer (and one more per duplicate that replaced
+    # it), never a standby one.
+    assert len(a.ups) - len(a.losts) == 1 and len(b.ups) - len(b.losts) == 1
+    assert a.ep.links["b"] in a.ep.links_of("b")
+    # Messages arrive whichever link the sender uses.
+    for link in a.ep.links_of("b"):
+        link.send(Heartbeat(5000 + link.path, 0, 0))
+    await until(lambda: {m.seq for m in b.msgs if isinstance(m, Heartbeat)} >= {5000, 5001})
+
+
+async def test_a_lost_standby_link_is_not_a_lost_peer(nodes: Cluster) -> None:
+    a, b = await two_link_pair(nodes)
+    await asyncio.sleep(0.3)
+    ups, losts, losts_b = len(a.ups), len(a.losts), len(b.losts)
+    active = a.ep.links["b"]
+    (standby,) = [link for link in a.ep.links_of("b") if link is not active]
+    standby.abort()
+    await until(lambda: len(a.ep.links_of("b")) == 1)
+    assert a.ep.links["b"] is active and (len(a.ups), len(a.losts)) == (ups, losts)
+    await until(lambda: len(a.ep.links_of("b")) == 2)  # redialled
+    assert a.ep.links["b"] is active and len(a.losts) == losts and len(b.losts) == losts_b
+
+
+async def test_a_lost_active_link_restarts_every_link_at_both_ends(nodes: Cluster) -> None:
+    a, b = await two_link_pair(nodes)
+    await asyncio.sleep(0.3)
+    ups_a, ups_b, losts_a, losts_b = len(a.ups), len(b.ups), len(a.losts), len(b.losts)
+    active = a.ep.links["b"]
+    others = [link for link in a.ep.links_of("b") if link is not active]
+    active.abort()
+    # Both ends lose the peer once (b too, even if it had picked the other link) ...
+    await until(lambda: len(a.losts) == losts_a + 1 and len(b.losts) == losts_b + 1)
+    assert all(link.state is LinkState.CLOSED for link in others)
+    # ... and have it back, on every network.
+    def whole() -> bool:
+        return ("b" in a.ep.links and "a" in b.ep.links and len(a.ep.links_of("b")) == 2
+                and len(b.ep.links_of("a")) == 2)
+    await until(lambda: len(a.ups) > ups_a and len(b.ups) > ups_b and whole())
+    await asyncio.sleep(0.3)  # links that both ends dialled at once settle
+    await until(whole)
+    assert a.ep.links["b"] is not active
+    assert len(a.ups) - len(a.losts) == 1 and len(b.ups) - len(b.losts) == 1
+
+
 # ---------------------------------------------------------------- shutdown
 async def test_close_leaves_no_tasks_and_no_sockets(nodes: Cluster) -> None:
     before = _socket_fds()
@@ -473,6 +544,9 @@ UVLOOP_SCENARIOS: list[Callable[[Cluster], Awaitable[None]]] = [
     test_crashed_peer_is_lost_and_link_returns,
     test_hung_peer_is_lost_within_timeout_and_link_returns, test_stopped_reader_loses_the_link,
     test_close_leaves_no_tasks_and_no_sockets,
+    test_every_network_gets_a_link_and_one_carries_the_replication,
+    test_a_lost_standby_link_is_not_a_lost_peer,
+    test_a_lost_active_link_restarts_every_link_at_both_ends,
 ]
 
 

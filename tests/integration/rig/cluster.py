@@ -49,6 +49,7 @@ class VsandCluster:
         witness: bool = False,
         witness_host: str = HOST,
         witness_netns: str | None = None,
+        more_hosts: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,10 @@ class VsandCluster:
         os.chmod(self.secret_path, 0o600)
         hosts = hosts or {}
         self.repl_ports = {n: free_port() for n in names}
-        nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"}
+        # more_hosts: each node's address on a second network (a list of two addresses).
+        nodes_cfg = [{"name": n, "address": f"{hosts.get(n, HOST)}:{self.repl_ports[n]}"
+                      if not more_hosts else [f"{hosts.get(n, HOST)}:{self.repl_ports[n]}",
+                                              f"{more_hosts[n]}:{self.repl_ports[n]}"]}
                      for n in names]
         self.witness = WitnessProcess(self.workdir / "witness", list(names), self.secret_path,
                                       peer_timeout, heartbeat_interval, host=witness_host,
@@ -74,7 +78,7 @@ class VsandCluster:
                 "cluster": {
                     "id": "test",
                     "secret_file": str(self.secret_path),
-                    "listen": f"{host}:{self.repl_ports[name]}",
+                    "listen": f"{'0.0.0.0' if more_hosts else host}:{self.repl_ports[name]}",
                     "nodes": nodes_cfg,
                     "peer_timeout": peer_timeout,
                     "heartbeat_interval": heartbeat_interval,

@@ -10,6 +10,9 @@ destroys the veth ends moved into them, and any end still in this namespace afte
 set-up.  Processes are run inside with ``run_argv(side, argv)`` (``ip netns exec``) and must
 be ended before ``close()``: a namespace lives as long as a process in it.
 
+``NetnsPair(second_subnet=...)`` adds a second veth pair, a second network between the same
+namespaces (``addresses2``); ``link_down(1)`` cuts that one.
+
 ``NetnsVsandTarget`` is a ``VsandTarget`` started through ``ip netns exec`` whose readiness
 check connects to its portal from inside its namespace; ``NetnsPair.vsand_target`` builds one
 per node and fits ``VsandCluster(target_factory=...)`` with ``hosts=pair.addresses``.
@@ -173,20 +176,29 @@ class Namespaces:
 
 
 class NetnsPair(Namespaces):
-    def __init__(self, subnet: str = "10.231.0.0/24") -> None:
+    def __init__(self, subnet: str = "10.231.0.0/24", second_subnet: str | None = None) -> None:
         super().__init__(subnet, SIDES)
         n = next(_pairs)
         pid = os.getpid()
         self.names: dict[str, str] = {side: f"vsand-it-{pid}-{n}-{side}" for side in SIDES}
         # Interface names are at most 15 bytes: "vs" + pid (<= 6 hex) + pair (hex) + side.
         self.ifnames: dict[str, str] = {side: f"vs{pid:x}{n:x}{side}" for side in SIDES}
+        self.addresses2: dict[str, str] = {}
+        self.ifnames2: dict[str, str] = {}
+        if second_subnet is not None:
+            net = ipaddress.ip_network(second_subnet)
+            if not net.is_private or net.prefixlen != self.prefixlen:
+                raise ValueError(f"{second_subnet}: a private /{self.prefixlen} is needed")
+            hosts = net.hosts()
+            self.addresses2 = {side: str(next(hosts)) for side in SIDES}
+            self.ifnames2 = {side: f"vs{pid:x}{n:x}{side}2" for side in SIDES}
         self._build()
 
     def _namespaces(self) -> list[str]:
         return list(self.names.values())
 
     def _interfaces(self) -> list[str]:
-        return list(self.ifnames.values())
+        return [*self.ifnames.values(), *self.ifnames2.values()]
 
     # --- set-up -----------------------------------------------------------------------
     def _create(self) -> None:
@@ -200,22 +212,47 @@ class NetnsPair(Namespaces):
                 ipr.link("set", index=index, net_ns_fd=self.names[side])
         for side in SIDES:
             self._configure(side)
+        if self.ifnames2:
+            with self._IPRoute() as ipr:
+                ipr.link("add", ifname=self.ifnames2["a"], kind="veth",
+                         peer=self.ifnames2["b"])
+                for side in SIDES:
+                    (index,) = ipr.link_lookup(ifname=self.ifnames2[side])
+                    ipr.link("set", index=index, net_ns_fd=self.names[side])
+            for side in SIDES:
+                with self._ipr(side) as ipr:
+                    (index,) = ipr.link_lookup(ifname=self.ifnames2[side])
+                    ipr.addr("add", index=index, address=self.addresses2[side],
+                             prefixlen=self.prefixlen)
+                    ipr.link("set", index=index, state="up")
         self._await_carrier(True)
 
     # --- the link ---------------------------------------------------------------------
-    def link_down(self) -> None:
-        """Cut the link in both directions (the end in ``a`` goes down)."""
-        self._set_a("down")
-        self._await_carrier(False)
+    def link_down(self, network: int = 0) -> None:
+        """Cut a network in both directions (its end in ``a`` goes down)."""
+        self._set_a("down", network)
+        self._await_carrier(False, network)
 
-    def link_up(self) -> None:
-        self._set_a("up")
-        self._await_carrier(True)
+    def link_up(self, network: int = 0) -> None:
+        self._set_a("up", network)
+        self._await_carrier(True, network)
 
-    def _set_a(self, state: str) -> None:
+    def _set_a(self, state: str, network: int = 0) -> None:
         with self._ipr("a") as ipr:
-            (index,) = ipr.link_lookup(ifname=self.ifnames["a"])
+            (index,) = ipr.link_lookup(ifname=(self.ifnames, self.ifnames2)[network]["a"])
             ipr.link("set", index=index, state=state)
+
+    def _await_carrier(self, up: bool = True, network: int = 0) -> None:
+        if network == 0:
+            super()._await_carrier(up)
+            if not self.ifnames2 or not up:
+                return
+        saved = self.ifnames
+        self.ifnames = self.ifnames2
+        try:
+            super()._await_carrier(up)
+        finally:
+            self.ifnames = saved
 
 
     # --- processes inside -------------------------------------------------------------
