@@ -507,6 +507,8 @@ class ControlKind(enum.IntEnum):
     INFO = 4  # a node's software version and shared-config digest (lun 0); body = JSON
     VOTE = 5  # node -> witness: its vote for ``epoch`` (lun 0); ACK status 0 or EPERM
     DRILL = 6  # a failover drill: the receiver plays a hung node for ``value`` ms (lun 0)
+    ACTIVE = 7  # with several networks: this link carries the replication (lun 0; sent by
+    #             the node with the lower id, first thing on the link it chose)
 
 
 @dataclass(frozen=True, slots=True)

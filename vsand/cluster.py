@@ -103,6 +103,8 @@ class Cluster:
             on_message=self._message, on_lost=self._lost,
             heartbeat_interval=cc.heartbeat_interval, heartbeat_timeout=cc.peer_timeout)
         endpoint.local_addresses = cc.node(self.node).addresses
+        if len(endpoint.local_addresses) > 1:  # every node has as many (config rule)
+            endpoint.multipath = {p.name for p in peers}
         await endpoint.listen(cc.listen_host, cc.listen_port)
         log.info("cluster %s: node %s, replication on %s:%d, %d mirrored LUN(s), peers %s",
                  cc.cluster_id, self.node, cc.listen_host, cc.listen_port, len(self.luns),

@@ -15,14 +15,17 @@ address of every node).  When two links to the same peer over the same network c
 their handshakes (both nodes dialled at once), both ends apply the same rule and so keep the
 same TCP connection: the link dialled by the node with the lower node id wins.
 
-Several networks: every link heartbeats (a dead network shows as a down link while the
-others still work), and one link per peer is *active*: the first one up.  The caller sees
-only active links (``on_up``/``on_lost``, ``links``) and sends on them; messages arriving
-on any link of the peer are delivered, since the peer may have picked another one.  When an
-active link is lost, every other link to that peer is closed too: the peer then loses its
-active link as well, whichever it was, so both ends start over together (a new exchange of
-states, on the first link that comes up again) instead of one end replicating into a stream
-the other has given up.
+Several networks (peers in ``multipath``): every link heartbeats (a dead network shows as a
+down link while the others still work), and one link per peer is *active*: it alone carries
+anything but heartbeats, and the caller sees only it (``on_up``/``on_lost``, ``links``).
+Both ends must agree which link that is, and both must lose it when either end does: the
+node with the lower id picks the first link up and says so on it (CONTROL ACTIVE, its first
+message there); the other node makes that link its active one when the word arrives,
+dropping the one it had (a loss, if the first node lost it without this end noticing: a
+one-way cut).  When an active link is lost, every other link to that peer is closed too, so
+that the peer loses its active link as well, whichever it was, and both ends start over
+together on the next link that comes up.  Other messages on a link that is not active are
+dropped: they belong to a stream the receiver has given up or not yet taken.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from typing import cast
 
 from .mirror.handshake import Handshake, LinkRole, LunInfo, NodeIdentity, RandomBytes
 from .mirror.messages import (
-    MAX_REASON, Buffer, ChallengeResponse, Goodbye, Heartbeat, HeartbeatAck, Hello, Message,
-    MessageReader, PeerProtocolError, Welcome, encode,
+    MAX_REASON, Buffer, ChallengeResponse, Control, ControlKind, Goodbye, Heartbeat,
+    HeartbeatAck, Hello, Message, MessageReader, PeerProtocolError, Welcome, encode,
 )
 
 log = logging.getLogger("vsand.peer")
@@ -446,6 +449,7 @@ class PeerEndpoint:
         # This node's addresses, one per network: an accepted link's path is the index of
         # the address it was dialled at.
         self.local_addresses: Sequence[tuple[str, int]] = ()
+        self.multipath: set[str] = set()  # peers linked over several networks
         self._all: set[PeerLink] = set()  # every link with a socket, handshaking ones too
         self._servers: list[asyncio.Server] = []
         self._dialers: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -460,7 +464,7 @@ class PeerEndpoint:
         self._all = {link for link in self._all if not link._gone.done()}
         # An accepting side passes no role: it says nothing until the caller's HELLO.
         link = PeerLink(self._handshake(LinkRole.SYNC if dialled else None), dialled=dialled,
-                        on_up=self._link_up, on_message=self.on_message,
+                        on_up=self._link_up, on_message=self._link_message,
                         on_lost=self._link_lost,
                         on_ready=self._link_ready, expected_peer=expected,
                         heartbeat_interval=self.heartbeat_interval,
@@ -563,8 +567,13 @@ class PeerEndpoint:
             if keep is old:
                 return False
         self.paths[(peer, link.path)] = link
-        self.links.setdefault(peer, link)
+        if peer not in self.multipath or self._leads(peer):
+            self.links.setdefault(peer, link)
         return True
+
+    def _leads(self, peer: str) -> bool:
+        """This node picks the active link to ``peer``."""
+        return self.local.node_id < peer
 
     def _path_of(self, link: PeerLink) -> int:
         """The network an accepted link came by: which of this node's addresses was dialled
@@ -589,11 +598,45 @@ class PeerEndpoint:
     def _link_up(self, link: PeerLink) -> None:
         peer = link.peer_id
         if peer is not None and self.links.get(peer) is link:
+            if peer in self.multipath:
+                log.info("peer link %d to node %s carries the replication", link.path, peer)
+                link.send(Control(0, ControlKind.ACTIVE, 0, value=link.path))
             if self.on_up is not None:
                 self.on_up(link)
         else:
-            log.info("peer link %d to node %s up (standby: link %d carries the replication)",
-                     link.path, peer, self.links[peer].path if peer in self.links else -1)
+            log.info("peer link %d to node %s up (standby)", link.path, peer)
+
+    def _link_message(self, link: PeerLink, msg: Message) -> None:
+        peer = link.peer_id
+        if peer in self.multipath and type(msg) not in (Heartbeat, HeartbeatAck):
+            if type(msg) is Control and msg.kind is ControlKind.ACTIVE:  # type: ignore[union-attr]
+                if not self._leads(peer):
+                    self._follow(link)
+                return
+            if self.links.get(peer) is not link:  # type: ignore[arg-type]
+                log.debug("peer link %d to node %s: %s dropped: not the active link",
+                          link.path, peer, msg.TYPE.name)
+                return
+        self.on_message(link, msg)
+
+    def _follow(self, link: PeerLink) -> None:
+        """The peer chose ``link`` to carry the replication: make it the active one here."""
+        peer = link.peer_id
+        assert peer is not None
+        old = self.links.get(peer)
+        if old is link:
+            return
+        if old is not None:
+            # The peer gave up the old link (it lost it: one way, or this end would have
+            # noticed too): so does this end, as a loss, like any lost active link.
+            self._drop_active(peer, old, f"node {peer} moved the replication to link "
+                                         f"{link.path}", keep=link)
+            old.close(f"replaced by link {link.path}")
+        self.links[peer] = link
+        log.info("peer link %d to node %s carries the replication (its choice)", link.path,
+                 peer)
+        if self.on_up is not None:
+            self.on_up(link)
 
     def _link_lost(self, link: PeerLink, reason: str) -> None:
         peer = link.peer_id
@@ -603,11 +646,18 @@ class PeerEndpoint:
             del self.paths[(peer, link.path)]
         if self.links.get(peer) is not link:
             return  # a standby link: its dialer brings it back
+        self._drop_active(peer, link, reason)
+
+    def _drop_active(self, peer: str, link: PeerLink, reason: str,
+                     keep: PeerLink | None = None) -> None:
+        """The active link to ``peer`` is gone: every other one but ``keep`` is closed (the
+        peer then loses its active link too, whichever it was), then the caller hears of
+        the loss."""
         del self.links[peer]
-        others = self.links_of(peer)
+        others = [o for o in self.links_of(peer) if o is not link and o is not keep]
         # The peer's votes and leases may have come over any link: its silence counts from
         # the last thing any of them received.
-        link.last_rx = max([link.last_rx, *(o.last_rx for o in others)])
+        link.last_rx = max([link.last_rx, *(o.last_rx for o in self.links_of(peer))])
         for other in others:
             other.close(f"link {link.path}, which carried the replication, was lost: every "
                         "link starts over")

@@ -5,6 +5,8 @@ Theory of operation
 Topology (``rig/netns3.py``): nodes ``a`` and ``b``, the witness ``w`` and the client ``c``
 each in a network namespace of their own, on one bridge; any path between two members can be
 cut, one way or both, without touching the others.  The client reaches both portals all along.
+With a second network (a veth pair straight between the nodes), a cut between the nodes
+cuts both networks unless the fault names one.
 
 The checker: one writer per node path (an iSCSI session from the client's namespace to that
 node's portal, commands pipelined up to ``QUEUE_DEPTH``) writes and reads 4 KiB blocks
@@ -43,7 +45,9 @@ Deterministic scenarios are one test each; ``test_random_faults`` draws ``VSAND_
 scenarios from seeds (``VSAND_FAULT_SEED`` is the first; each scenario prints ``seed=N``, and
 ``VSAND_FAULT_SEED=N VSAND_FAULT_COUNT=1`` replays that draw on a fresh cluster);
 ``VSAND_FAULT_SOAK=1`` runs many more; ``VSAND_FAULT_BATCH`` scenarios share one cluster
-(25; a failed scenario ends its cluster).  ``VSAND_FAULT_LOG=debug`` sets the daemons' log
+(25; a failed scenario ends its cluster).  Every other cluster has a second network between
+the nodes (``VSAND_FAULT_NETWORKS=1`` or ``2`` sets it for all), where a fault may cut one
+network only, and every other cut cuts both.  ``VSAND_FAULT_LOG=debug`` sets the daemons' log
 level.
 Each scenario's commands are written to ``history-<seed>.tsv`` in its cluster's directory.
 """
@@ -572,18 +576,25 @@ class Fault:
     """``cut`` x|y, ``one-way`` x->y, ``isolate`` (all three apart), ``kill``/``pause`` a
     node (SIGKILL, then a restart; SIGSTOP, then SIGCONT), ``kill-witness`` (then a restart),
     ``slow`` (the nodes' path limited to ``rate`` bit/s each way), ``stutter`` a node (stopped
-    for a fraction of the peer timeout, again and again: a starved or swapping host)."""
+    for a fraction of the peer timeout, again and again: a starved or swapping host);
+    with two networks between the nodes, ``cut-net`` (``network`` cut between them, one way
+    x->y or both: the nodes still talk over the other) and every other cut acts on both."""
     kind: str
     x: str = ""
     y: str = ""
     rate: int = 0
+    network: int = 0
+    one_way: bool = False
 
     @property
     def label(self) -> str:
+        arrow = "->" if self.one_way else "|"
         return {"cut": f"cut {self.x}|{self.y}", "one-way": f"one-way {self.x}->{self.y}",
                 "kill": f"kill {self.x}", "pause": f"pause {self.x}",
                 "slow": f"slow a-b {self.rate / 1e6:g} Mbit/s",
-                "stutter": f"stutter {self.x}"}.get(self.kind, self.kind)
+                "stutter": f"stutter {self.x}",
+                "cut-net": f"cut network {self.network} {self.x}{arrow}{self.y}",
+                }.get(self.kind, self.kind)
 
     @property
     def type(self) -> str:
@@ -591,6 +602,8 @@ class Fault:
         if self.kind in ("cut", "one-way"):
             apart = {self.x, self.y} == set(NODES)
             return f"{self.kind} {'a-b' if apart else 'node-witness'}"
+        if self.kind == "cut-net":
+            return "cut one network" + (" one-way" if self.one_way else "")
         return "slow a-b" if self.kind == "slow" else self.kind
 
     @property
@@ -623,12 +636,17 @@ class Fault:
             net.throttle("a", "b", self.rate)
         elif self.kind == "stutter":
             rig.stutter(self.x)
+        elif self.kind == "cut-net":
+            if self.one_way:
+                net.cut_one_way(self.x, self.y, self.network)
+            else:
+                net.cut(self.x, self.y, self.network)
         else:
             raise ValueError(self.kind)
 
     def heal(self, rig: FaultRig) -> None:
         c = rig.cluster
-        if self.kind in ("cut", "one-way", "isolate"):
+        if self.kind in ("cut", "one-way", "isolate", "cut-net"):
             rig.net.heal()
         elif self.kind == "kill":
             c.nodes[self.x].restart()
@@ -646,12 +664,17 @@ class Fault:
             rig.stop_stutter()
 
 
-def draw(seed: int) -> tuple[Fault, float, float]:
-    """A scenario from its seed: the fault, the delay before it, how long it lasts."""
+def draw(seed: int, networks: int = 1) -> tuple[Fault, float, float]:
+    """A scenario from its seed (and the number of networks between the nodes): the fault,
+    the delay before it, how long it lasts."""
     rng = random.Random(seed)
     kind = rng.choices(["cut", "one-way", "kill", "pause", "kill-witness", "isolate", "slow",
-                        "stutter"], weights=[4, 4, 2, 3, 1, 1, 2, 2])[0]
-    if kind == "cut":
+                        "stutter", "cut-net"],
+                       weights=[4, 4, 2, 3, 1, 1, 2, 2, 5 if networks > 1 else 0])[0]
+    if kind == "cut-net":
+        x, y = rng.choice([("a", "b"), ("b", "a")])
+        fault = Fault(kind, x, y, network=rng.randrange(networks), one_way=rng.random() < 0.3)
+    elif kind == "cut":
         fault = Fault(kind, *rng.choice([("a", "b"), ("a", "b"), ("a", "w"), ("b", "w")]))
     elif kind == "one-way":
         fault = Fault(kind, *rng.choice([("a", "b"), ("b", "a"), ("a", "b"), ("b", "a"),
@@ -673,6 +696,7 @@ class Outcome:
     seed: int
     label: str
     type: str
+    networks: int = 1
     writes: int = 0
     reads: int = 0
     probe_reads: int = 0  # acknowledged reads of blocks written alone, through the other node
@@ -693,8 +717,9 @@ class Outcome:
         return not any(self.problems.values())
 
     def explain(self) -> str:
-        replay = f"VSAND_FAULT_SEED={self.seed} VSAND_FAULT_COUNT=1" + (
-            " VSAND_FAULT_SOAK=1" if SOAK else "")
+        replay = (f"VSAND_FAULT_SEED={self.seed} VSAND_FAULT_COUNT=1 "
+                  f"VSAND_FAULT_NETWORKS={self.networks}" + (" VSAND_FAULT_SOAK=1" if SOAK
+                                                               else ""))
         lines = [f"seed={self.seed} scenario={self.label}: (replay: {replay})"]
         for what, items in self.problems.items():
             lines += [f"  {what}: {item}" for item in items[:12]]
@@ -704,11 +729,13 @@ class Outcome:
 
 
 class FaultRig:
-    """``FaultNet`` + a two-node cluster with its witness + the checker."""
+    """``FaultNet`` + a two-node cluster with its witness + the checker; ``networks`` 2: a
+    second network between the nodes (each node's ``address`` lists both)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, networks: int = 1) -> None:
+        self.networks = networks
         try:
-            self.net = FaultNet()
+            self.net = FaultNet(second_subnet="10.233.0.0/24" if networks > 1 else None)
         except NetnsUnavailable as e:
             pytest.skip(str(e))
         self.paused: set[str] = set()
@@ -722,7 +749,7 @@ class FaultRig:
                 base, luns=(LUN,), witness=True, witness_host=addr["w"],
                 witness_netns=self.net.witness_netns, hosts={n: addr[n] for n in NODES},
                 target_factory=self.net.vsand_target, peer_timeout=PEER_TIMEOUT,
-                heartbeat_interval=HEARTBEAT_INTERVAL,
+                heartbeat_interval=HEARTBEAT_INTERVAL, more_hosts=self.net.addresses2 or None,
                 extra_config={"log_level": os.environ.get("VSAND_FAULT_LOG", "info")})
             self.cluster.start()
             self.checker = Checker(self.net, {n: (addr[n], self.cluster.nodes[n].port)
@@ -804,7 +831,7 @@ class FaultRig:
             during: Callable[[float], None] | None = None) -> Outcome:
         print(f"seed={seed} scenario={fault.label} delay={delay:.2f}s duration={duration:.2f}s",
               flush=True)
-        out = Outcome(seed, fault.label, fault.type)
+        out = Outcome(seed, fault.label, fault.type, self.networks)
         ck = self.checker
         marks = self.log_marks()
         start = time.monotonic()
@@ -1242,19 +1269,22 @@ def test_random_faults(tmp_path: Path, report: Report) -> None:
     count = _count()
     first = int(os.environ.get("VSAND_FAULT_SEED", str(random.randrange(1, 1 << 30))))
     batch = int(os.environ.get("VSAND_FAULT_BATCH", "25"))
+    # One network between the nodes, then two (every other cluster), unless set.
+    forced = int(os.environ.get("VSAND_FAULT_NETWORKS", "0"))
     print(f"\nrandom faults: {count} scenarios from seed {first}, up to {batch} per cluster")
     failures: list[str] = []
     seeds = list(range(first, first + count))
     n = 0
     while seeds:
-        rig = FaultRig(tmp_path / f"cluster{n}")
+        networks = forced or 1 + n % 2
+        rig = FaultRig(tmp_path / f"cluster{n}", networks)
         n += 1
         try:
             for _ in range(batch):
                 if not seeds:
                     break
                 seed = seeds.pop(0)
-                fault, delay, duration = draw(seed)
+                fault, delay, duration = draw(seed, networks)
                 out = report.add(rig.run(fault, seed, delay, duration))
                 if not out.ok:
                     failures.append(out.explain())

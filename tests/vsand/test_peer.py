@@ -455,10 +455,12 @@ async def two_link_pair(nodes: Cluster) -> tuple[Node, Node]:
         server = await node.ep.listen("0.0.0.0", 0)
         node.port = server.sockets[0].getsockname()[1]
         node.ep.local_addresses = ((HOST, node.port), (HOST2, node.port))
+    a.ep.multipath, b.ep.multipath = {"b"}, {"a"}
     for node, other, name in ((a, b, "b"), (b, a, "a")):
         node.ep.connect(name, HOST, other.port, 0)
         node.ep.connect(name, HOST2, other.port, 1)
-    await until(lambda: len(a.ep.links_of("b")) == 2 and len(b.ep.links_of("a")) == 2)
+    await until(lambda: len(a.ep.links_of("b")) == 2 and len(b.ep.links_of("a")) == 2
+                and "b" in a.ep.links and "a" in b.ep.links)
     return a, b
 
 
@@ -474,10 +476,16 @@ async def test_every_network_gets_a_link_and_one_carries_the_replication(
     # it), never a standby one.
     assert len(a.ups) - len(a.losts) == 1 and len(b.ups) - len(b.losts) == 1
     assert a.ep.links["b"] in a.ep.links_of("b")
-    # Messages arrive whichever link the sender uses.
-    for link in a.ep.links_of("b"):
-        link.send(Heartbeat(5000 + link.path, 0, 0))
+    # Both ends agree which link carries the replication (a, the lower id, chose it).
+    assert _same_connection(a.ep.links["b"], b.ep.links["a"])
+    # Heartbeats count on every link; anything else only on the active one.
+    for i, link in enumerate(a.ep.links_of("b")):
+        link.send(Heartbeat(5000 + i, 0, 0))
+        link.send(Ack(1, 3, 6000 + i, 0) if link is a.ep.links["b"] else Ack(1, 3, 7000, 0))
     await until(lambda: {m.seq for m in b.msgs if isinstance(m, Heartbeat)} >= {5000, 5001})
+    await until(lambda: any(isinstance(m, Ack) and m.seq >= 6000 for m in b.msgs))
+    await asyncio.sleep(0.1)
+    assert [m.seq for m in b.msgs if isinstance(m, Ack)] in ([6000], [6001])
 
 
 async def test_a_lost_standby_link_is_not_a_lost_peer(nodes: Cluster) -> None:
@@ -514,6 +522,29 @@ async def test_a_lost_active_link_restarts_every_link_at_both_ends(nodes: Cluste
     assert len(a.ups) - len(a.losts) == 1 and len(b.ups) - len(b.losts) == 1
 
 
+async def test_the_higher_node_follows_a_move_it_did_not_notice(nodes: Cluster) -> None:
+    """a (the lower id) loses the active link while b has not noticed (one-way: b reads
+    nothing more on it and its timeout is far off): a's word on the next link moves b over,
+    with the loss of the old one, so both ends again use one and the same connection."""
+    a, b = await two_link_pair(nodes)
+    await asyncio.sleep(0.3)
+    losts_a, losts_b = len(a.losts), len(b.losts)
+    old_b = b.ep.links["a"]
+    # a gives the link up as its endpoint does when it stops hearing b on it, while the
+    # connection itself stays open: b hears nothing that would tell it.
+    old_a = a.ep.links["b"]
+    old_a.on_lost(old_a, "nothing received (simulated: a one-way cut)")
+    await until(lambda: len(b.losts) > losts_b and b.ep.links.get("a") not in (None, old_b)
+                and "b" in a.ep.links)
+    assert "moved the replication" in b.losts[losts_b][1]  # no timeout: the word moved it
+    assert old_b.state is LinkState.CLOSED
+    await asyncio.sleep(0.3)  # (a link both ends dialled at once may replace it once more)
+    await until(lambda: "b" in a.ep.links and "a" in b.ep.links)
+    assert _same_connection(a.ep.links["b"], b.ep.links["a"])
+    assert len(a.losts) > losts_a
+    assert len(a.ups) - len(a.losts) == 1 and len(b.ups) - len(b.losts) == 1
+
+
 # ---------------------------------------------------------------- shutdown
 async def test_close_leaves_no_tasks_and_no_sockets(nodes: Cluster) -> None:
     before = _socket_fds()
@@ -547,6 +578,7 @@ UVLOOP_SCENARIOS: list[Callable[[Cluster], Awaitable[None]]] = [
     test_every_network_gets_a_link_and_one_carries_the_replication,
     test_a_lost_standby_link_is_not_a_lost_peer,
     test_a_lost_active_link_restarts_every_link_at_both_ends,
+    test_the_higher_node_follows_a_move_it_did_not_notice,
 ]
 
 

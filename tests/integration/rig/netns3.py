@@ -17,6 +17,12 @@ network) while ``dst``'s packets to ``src`` still arrive.  ``cut(x, y)`` does bo
 ``heal`` takes them out again.  ARP is never filtered, so a healed path works at once.  The
 rules live inside the namespaces and go with them.
 
+A second network.  ``FaultNet(second_subnet=...)`` adds a veth pair straight between ``a``
+and ``b`` with addresses ``.1`` and ``.2`` of that subnet (``addresses2``): a second network
+between the nodes only.  ``cut``/``cut_one_way``/``throttle`` act on every network between
+the members unless given ``network`` (0: the bridge, 1: the second one), so a "cut a|b"
+still means the nodes are apart.
+
 Slow paths.  ``throttle(x, y, bits_per_s)`` limits what ``x`` sends to ``y`` and ``y`` to
 ``x`` (an HTB class on each one's veth, chosen by destination address: the pair's path alone
 slows down, the rest stays fast); ``unthrottle()`` removes every limit.  HTB, not netem: a
@@ -40,6 +46,7 @@ constructor raises ``NetnsUnavailable``.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import itertools
 import os
 import shutil
@@ -53,6 +60,7 @@ from typing import Any, TypeVar
 from .netns import Namespaces, NetnsUnavailable, NetnsVsandTarget, netns_argv
 
 MEMBERS = ("a", "b", "w", "c")
+NODE_MEMBERS = ("a", "b")  # the only members on the second network
 LINK_DEADLINE_S = 5.0
 NFT_DEADLINE_S = 10.0
 TABLE = "vsandfault"
@@ -85,10 +93,14 @@ def _enter_netns(path: str) -> None:
 
 
 class FaultNet(Namespaces):
-    def __init__(self, subnet: str = "10.232.0.0/24") -> None:
+    def __init__(self, subnet: str = "10.232.0.0/24", second_subnet: str | None = None) -> None:
         if shutil.which("nft") is None:
             raise NetnsUnavailable("the nft command (nftables) is not installed")
         super().__init__(subnet, MEMBERS)
+        self.addresses2: dict[str, str] = {}
+        if second_subnet is not None:
+            hosts = ipaddress.ip_network(second_subnet).hosts()
+            self.addresses2 = {m: str(next(hosts)) for m in NODE_MEMBERS}
         n = next(_nets)
         pid = os.getpid()
         self.bridge_ns = f"vsand-ft-{pid}-{n}-br"
@@ -97,15 +109,18 @@ class FaultNet(Namespaces):
         # (+ "p" for the bridge port).
         self.ifnames: dict[str, str] = {m: f"vf{pid:x}{n:x}{m}" for m in MEMBERS}
         self.ports: dict[str, str] = {m: f"{self.ifnames[m]}p" for m in MEMBERS}
-        self.blocked: set[tuple[str, str]] = set()  # (src, dst): src's packets to dst dropped
-        self.throttled: set[str] = set()  # members with an HTB root qdisc
+        self.ifnames2: dict[str, str] = ({m: f"vf{pid:x}{n:x}{m}2" for m in NODE_MEMBERS}
+                                         if self.addresses2 else {})
+        # (src, dst, address): src's packets from that address of its to dst are dropped
+        self.blocked: set[tuple[str, str, str]] = set()
+        self.throttled: dict[str, str] = {}  # device with an HTB root qdisc -> its member
         self._build()
 
     def _namespaces(self) -> list[str]:
         return [self.bridge_ns, *self.names.values()]
 
     def _interfaces(self) -> list[str]:
-        return [*self.ifnames.values(), *self.ports.values()]
+        return [*self.ifnames.values(), *self.ports.values(), *self.ifnames2.values()]
 
     # --- set-up and tear-down ---------------------------------------------------------
     def _create(self) -> None:
@@ -133,6 +148,19 @@ class FaultNet(Namespaces):
         for m in MEMBERS:
             self._configure(m)
             self._nft(m, _RULESET)
+        if self.ifnames2:
+            with self._IPRoute() as ipr:
+                ipr.link("add", ifname=self.ifnames2["a"], kind="veth",
+                         peer=self.ifnames2["b"])
+                for m in NODE_MEMBERS:
+                    (index,) = ipr.link_lookup(ifname=self.ifnames2[m])
+                    ipr.link("set", index=index, net_ns_fd=self.names[m])
+            for m in NODE_MEMBERS:
+                with self._ipr(m) as ipr:
+                    (index,) = ipr.link_lookup(ifname=self.ifnames2[m])
+                    ipr.addr("add", index=index, address=self.addresses2[m],
+                             prefixlen=self.prefixlen)
+                    ipr.link("set", index=index, state="up")
         self._await_carrier()
 
     def _path(self, ns: str) -> str:
@@ -151,25 +179,31 @@ class FaultNet(Namespaces):
             if m not in self.names:
                 raise ValueError(f"{m!r} is not one of {MEMBERS}")
 
-    def cut_one_way(self, src: str, dst: str) -> None:
-        """Drop every packet from ``src`` to ``dst`` (on arrival at ``dst``)."""
+    def _source_addresses(self, src: str, network: int | None) -> list[str]:
+        both = [self.addresses[src], self.addresses2.get(src)]
+        return [a for i, a in enumerate(both) if a and network in (None, i)]
+
+    def cut_one_way(self, src: str, dst: str, network: int | None = None) -> None:
+        """Drop every packet from ``src`` to ``dst`` (on arrival at ``dst``), on every
+        network or only on ``network``."""
         self._check(src, dst)
         if src == dst:
             raise ValueError("a member cannot be cut from itself")
-        if (src, dst) not in self.blocked:
-            self._nft(dst, f"add element inet {TABLE} blocked {{ {self.addresses[src]} }}\n")
-            self.blocked.add((src, dst))
+        for address in self._source_addresses(src, network):
+            if (src, dst, address) not in self.blocked:
+                self._nft(dst, f"add element inet {TABLE} blocked {{ {address} }}\n")
+                self.blocked.add((src, dst, address))
 
-    def cut(self, x: str, y: str) -> None:
+    def cut(self, x: str, y: str, network: int | None = None) -> None:
         """Drop every packet between ``x`` and ``y``, both directions."""
-        self.cut_one_way(x, y)
-        self.cut_one_way(y, x)
+        self.cut_one_way(x, y, network)
+        self.cut_one_way(y, x, network)
 
     def heal_one_way(self, src: str, dst: str) -> None:
         self._check(src, dst)
-        if (src, dst) in self.blocked:
-            self._nft(dst, f"delete element inet {TABLE} blocked {{ {self.addresses[src]} }}\n")
-            self.blocked.discard((src, dst))
+        for entry in sorted(e for e in self.blocked if e[:2] == (src, dst)):
+            self._nft(dst, f"delete element inet {TABLE} blocked {{ {entry[2]} }}\n")
+            self.blocked.discard(entry)
 
     def heal(self, x: str | None = None, y: str | None = None) -> None:
         """Restore the path between ``x`` and ``y`` (both directions), or every path."""
@@ -195,24 +229,30 @@ class FaultNet(Namespaces):
         if shutil.which("tc") is None:
             raise NetnsUnavailable("the tc command (iproute2) is not installed")
         for src, dst in ((x, y), (y, x)):
-            dev = self.ifnames[src]
-            if src not in self.throttled:
-                self._tc(src, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
-                         "default", "1")
-                self._tc(src, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
-                         "htb", "rate", "10gbit")
-                self.throttled.add(src)
-            # One class per destination: its minor number is the member's position + 2.
-            minor = f"1:{MEMBERS.index(dst) + 2}"
-            self._tc(src, "class", "replace", "dev", dev, "parent", "1:", "classid", minor,
-                     "htb", "rate", f"{bits_per_s}bit", "burst", "16k")
-            self._tc(src, "filter", "replace", "dev", dev, "parent", "1:", "protocol", "ip",
-                     "prio", str(MEMBERS.index(dst) + 1), "u32", "match", "ip", "dst",
-                     f"{self.addresses[dst]}/32", "flowid", minor)
+            for devs, addresses in ((self.ifnames, self.addresses),
+                                    (self.ifnames2, self.addresses2)):
+                if src in devs and dst in addresses:
+                    self._throttle_dev(src, devs[src], dst, addresses[dst], bits_per_s)
+
+    def _throttle_dev(self, src: str, dev: str, dst: str, address: str,
+                      bits_per_s: int) -> None:
+        if dev not in self.throttled:
+            self._tc(src, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
+                     "default", "1")
+            self._tc(src, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
+                     "htb", "rate", "10gbit")
+            self.throttled[dev] = src
+        # One class per destination: its minor number is the member's position + 2.
+        minor = f"1:{MEMBERS.index(dst) + 2}"
+        self._tc(src, "class", "replace", "dev", dev, "parent", "1:", "classid", minor,
+                 "htb", "rate", f"{bits_per_s}bit", "burst", "16k")
+        self._tc(src, "filter", "replace", "dev", dev, "parent", "1:", "protocol", "ip",
+                 "prio", str(MEMBERS.index(dst) + 1), "u32", "match", "ip", "dst",
+                 f"{address}/32", "flowid", minor)
 
     def unthrottle(self) -> None:
-        for m in sorted(self.throttled):
-            self._tc(m, "qdisc", "del", "dev", self.ifnames[m], "root")
+        for dev, member in sorted(self.throttled.items()):
+            self._tc(member, "qdisc", "del", "dev", dev, "root")
         self.throttled.clear()
 
     def ruleset(self, member: str) -> str:
