@@ -25,7 +25,10 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _cluster_text(result: dict[str, Any]) -> str:
     if not result:
         return "not part of a cluster"
-    peers = [{"peer": name, **p, "drift": ", ".join(p.get("drift") or []) or "-"}
+    # links: each network's link, "*" on the one that carries the replication
+    peers = [{"peer": name, **p, "drift": ", ".join(p.get("drift") or []) or "-",
+              "links": " ".join(f"{x['link']}:{x['state']}{'*' if x['active'] else ''}"
+                                for x in p.get("links", ()))}
              for name, p in result["peers"].items()]
     def activity(m: dict[str, Any]) -> str:
         r, v = m.get("resync"), m.get("verify")
@@ -45,8 +48,8 @@ def _cluster_text(result: dict[str, Any]) -> str:
             for label, m in result["luns"].items()]
     return (f"cluster {result['cluster']}, node {result['node']}, vsand {result['version']}, "
             f"shared config {result['config_digest']}\n"
-            + _table(peers, ["peer", "address", "state", "rtt_ms", "version", "config_digest",
-                             "drift"]) + "\n\n"
+            + _table(peers, ["peer", "address", "state", "links", "rtt_ms", "version",
+                             "config_digest", "drift"]) + "\n\n"
             + _table(luns, ["lun", "role", "epoch", "in_sync", "generation", "dirty",
                             "decision", "activity"]))
 
