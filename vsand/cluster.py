@@ -105,6 +105,7 @@ class Cluster:
         endpoint.local_addresses = cc.node(self.node).addresses
         if len(endpoint.local_addresses) > 1:  # every node has as many (config rule)
             endpoint.multipath = {p.name for p in peers}
+            quorum.multipath = True
         await endpoint.listen(cc.listen_host, cc.listen_port)
         log.info("cluster %s: node %s, replication on %s:%d, %d mirrored LUN(s), peers %s",
                  cc.cluster_id, self.node, cc.listen_host, cc.listen_port, len(self.luns),

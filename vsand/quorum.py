@@ -20,7 +20,12 @@ notice its lease running out, the connections call ``check`` before executing wh
 received, so that commands that waited in a socket meet the fence, not the old ALUA state.
 
 Without a configured witness there is no third vote: the node trusts its peer timeout alone
-(the behaviour of earlier versions), and says so at start.
+(the behaviour of earlier versions), and says so at start.  With several networks between
+the nodes it can do better when only the network that carried the replication failed: the
+node with the higher name waits a peer timeout for the peer to come back over another one
+before going on alone.  If it does, the peer is alive and going on (it lost the link too,
+and the lower node never waits), so this node stands aside, serving nothing, until it has
+caught up (``peer_joined``): both going on alone would be a split brain at the reconnection.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ class QuorumKeeper:
         self._not_before = float("-inf")  # no vote request before (monotonic): step_aside
         self._answered_unjoined = float("-inf")
         self.closing = False
+        # No witness, several networks: the peer came back over another one after a loss,
+        # and this node (the higher name) let it go on alone (``_alone_without_witness``).
+        self.multipath = False
+        self._aside = False
+        peers = [n.name for n in config.nodes if n.name != node]
+        self._peer_name = peers[0] if peers else ""
         self._task: asyncio.Task[None] | None = None
         raw = store.read(STATE)
         if raw:
@@ -153,7 +164,7 @@ class QuorumKeeper:
     # ------------------------------------------------------------------ decisions
     def serving(self) -> bool:
         if not self.enabled:
-            return True
+            return not self._aside
         return self.lease.valid(time.monotonic()) or self.granted
 
     def check(self) -> None:
@@ -167,7 +178,7 @@ class QuorumKeeper:
         """Whether this node may serve without its peer: the witness's vote for the next
         epoch (or, restarting, for the epoch it already won).  One request at a time."""
         if not self.enabled:
-            return True
+            return await self._alone_without_witness()
         if self.closing:
             return False  # shutting down: nothing waits for an answer any more
         if self.granted and self.serving_now:
@@ -177,6 +188,30 @@ class QuorumKeeper:
         if self._vote is None or self._vote.done():
             self._vote = asyncio.ensure_future(self._request())
         return await asyncio.shield(self._vote)
+
+    async def _alone_without_witness(self) -> bool:
+        """No third vote: go on alone, unless several networks link the nodes, this node has
+        the higher name, and the peer comes back within a peer timeout (module docstring)."""
+        if not self.multipath or self.node < self._peer_name or self.closing:
+            self._set_aside(False)
+            return True
+        deadline = time.monotonic() + self.config.peer_timeout
+        while not self.peer_up and not self.closing and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not self.peer_up:
+            self._set_aside(False)
+            return True
+        log.warning("node %s is back over another network and goes on: this node serves "
+                    "nothing until it has caught up (no witness to choose; both going on "
+                    "would split the brain)", self._peer_name)
+        self._set_aside(True)
+        return False
+
+    def _set_aside(self, aside: bool) -> None:
+        if aside != self._aside:
+            self._aside = aside
+            self.fenced = aside
+            self._evaluate()
 
     def step_aside(self) -> None:
         """This node's storage failed a replicated write and it is leaving its peer: the
@@ -256,6 +291,7 @@ class QuorumKeeper:
         if not self._joined:
             self._joined = True
             self.lease.renewed(self._answered_unjoined)
+        self._aside = False
         epoch = max(self.epoch, self._peer_epoch)
         if (epoch, False) != (self.epoch, self.granted):
             moved = epoch != self.epoch

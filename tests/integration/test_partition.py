@@ -179,24 +179,13 @@ def test_a_second_network_carries_the_mirror_when_the_first_is_cut(tmp_path: Pat
     """Two networks between the nodes: cut the one that carries the replication and leave it
     cut.  The writes stall for a peer timeout at most, then the nodes link again over the
     other network and the resync brings b back in sync, without waiting for a repair."""
-    try:
-        pair = NetnsPair("10.231.0.0/24", second_subnet="10.232.0.0/24")
-    except NetnsUnavailable as e:
-        pytest.skip(str(e))
+    pair = _two_networks_or_skip()
     cluster: VsandCluster | None = None
     client: _Client | None = None
     try:
-        cluster = VsandCluster(tmp_path, luns=(LUN,), peer_timeout=PEER_TIMEOUT,
-                               heartbeat_interval=HEARTBEAT_INTERVAL, hosts=pair.addresses,
-                               more_hosts=pair.addresses2, target_factory=pair.vsand_target)
+        cluster = _two_network_cluster(tmp_path, pair)
         with cluster as c:
-            c.wait_in_sync()
-
-            def links(node: str) -> list[dict]:
-                return c.admin(node, "cluster")["peers"]["b" if node == "a" else "a"]["links"]
-            wait_until(lambda: all(x["state"] == "up" for n in "ab" for x in links(n)),
-                       "both networks linked at both nodes")
-            (active,) = [x["link"] for x in links("a") if x["active"]]
+            active = _linked_twice(c)
             cmds = [f"write -P {_pattern(i)} {i * BLOCK} {BLOCK}" for i in range(WRITES)]
             client = _Client(pair.run_argv("a", qemu_io_argv(c.url("a"), cmds)))
             end = time.monotonic() + CLIENT_DEADLINE_S
@@ -206,11 +195,11 @@ def test_a_second_network_carries_the_mirror_when_the_first_is_cut(tmp_path: Pat
                 time.sleep(0.005)
             pair.link_down(active)
             cut_at = time.monotonic()
-            wait_until(lambda: [x["link"] for x in links("a") if x["active"]] not in
+            wait_until(lambda: [x["link"] for x in _links(c, "a") if x["active"]] not in
                        ([active], []), "the replication on the other network", 30)
             c.wait_in_sync(30)  # the cut network stays down
             back = time.monotonic() - cut_at
-            now = links("a")
+            now = _links(c, "a")
             assert [x["active"] for x in now] == [x["link"] != active for x in now], now
             assert [x["state"] for x in now] == ["down" if x["link"] == active else "up"
                                                  for x in now], now
@@ -223,9 +212,84 @@ def test_a_second_network_carries_the_mirror_when_the_first_is_cut(tmp_path: Pat
             assert rc == 0 and len(acks) == WRITES, client.explain()
             assert stall <= PEER_TIMEOUT + STALL_MARGIN, f"writes stalled {stall:.3f} s"
             pair.link_up(active)
-            wait_until(lambda: all(x["state"] == "up" for n in "ab" for x in links(n)),
+            wait_until(lambda: all(x["state"] == "up" for n in "ab" for x in _links(c, n)),
                        "the repaired network linked again, as a standby")
-            assert [x["link"] for x in links("a") if x["active"]] != [active]
+            assert [x["link"] for x in _links(c, "a") if x["active"]] != [active]
         _check_replicas(c, acks)
     finally:
         _clean_up(pair, cluster, client)
+
+
+def test_without_a_witness_a_failed_network_does_not_split_the_brain(tmp_path: Path) -> None:
+    """Two networks, no witness, writes through both nodes: the network carrying the
+    replication fails.  Both nodes lose the link; a (the lower name) goes on alone, b waits
+    for a over the other network, finds it and stands aside until it has caught up, instead
+    of going on alone too (which would be a split brain at the reconnection)."""
+    pair = _two_networks_or_skip()
+    cluster: VsandCluster | None = None
+    clients: dict[str, _Client] = {}
+    try:
+        cluster = _two_network_cluster(tmp_path, pair)
+        with cluster as c:
+            active = _linked_twice(c)
+            half = LUN.size // 2
+            for node, base in (("a", 0), ("b", half)):
+                cmds = [f"write -P {_pattern(i)} {base + i * BLOCK} {BLOCK}"
+                        for i in range(WRITES)]
+                clients[node] = _Client(pair.run_argv(node, qemu_io_argv(c.url(node), cmds)))
+            end = time.monotonic() + CLIENT_DEADLINE_S
+            while min(len(cl.acks()) for cl in clients.values()) < CUT_AFTER:
+                assert time.monotonic() < end, "no writes acknowledged"
+                time.sleep(0.005)
+            pair.link_down(active)
+            roles: list[dict] = []
+            wait_until(lambda: roles.append(c.roles()) or [
+                x["link"] for x in _links(c, "a") if x["active"]] not in ([active], []),
+                "the replication on the other network", 30)
+            c.wait_in_sync(30)
+            for cl in clients.values():
+                cl.wait(CLIENT_DEADLINE_S)
+            assert all("split-brain" not in states for seen in roles
+                       for states in seen.values()), roles
+            assert len(clients["a"].acks()) == WRITES, clients["a"].explain()
+            acked = {n: cl.acks() for n, cl in clients.items()}
+            print(f"\nwrites acknowledged: a {len(acked['a'])}, b {len(acked['b'])} of "
+                  f"{WRITES} each (b's failed while it stood aside)")
+        files = {n: c.backing_path(n).read_bytes() for n in ("a", "b")}
+        assert files["a"] == files["b"], "replicas differ"
+        for node, done in acked.items():
+            base = 0 if node == "a" else LUN.size // 2
+            for t, off, length in done:
+                i = (off - base) // BLOCK
+                assert files["a"][off:off + length] == bytes([_pattern(i)]) * length, (node, i)
+    finally:
+        for cl in clients.values():
+            cl.kill()
+        _clean_up(pair, cluster, None)
+
+
+def _two_networks_or_skip() -> NetnsPair:
+    try:
+        return NetnsPair("10.231.0.0/24", second_subnet="10.232.0.0/24")
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _two_network_cluster(tmp_path: Path, pair: NetnsPair) -> VsandCluster:
+    """Nodes a and b in the pair's namespaces, each with an address on both networks."""
+    return VsandCluster(tmp_path, luns=(LUN,), peer_timeout=PEER_TIMEOUT,
+                        heartbeat_interval=HEARTBEAT_INTERVAL, hosts=pair.addresses,
+                        more_hosts=pair.addresses2, target_factory=pair.vsand_target)
+
+
+def _links(c: VsandCluster, node: str) -> list[dict]:
+    return c.admin(node, "cluster")["peers"]["b" if node == "a" else "a"]["links"]  # type: ignore[no-any-return]
+
+
+def _linked_twice(c: VsandCluster) -> int:
+    """Once both nodes are in sync and linked over both networks: the active link."""
+    c.wait_in_sync()
+    wait_until(lambda: all(x["state"] == "up" for n in "ab" for x in _links(c, n)),
+               "both networks linked at both nodes")
+    (active,) = [x["link"] for x in _links(c, "a") if x["active"]]
+    return active  # type: ignore[no-any-return]

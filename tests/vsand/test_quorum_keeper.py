@@ -176,3 +176,42 @@ async def test_every_epoch_won_is_told_and_a_resyncing_peer_adopts_it_when_in_sy
     assert peer.epoch == 0
     peer.peer_joined()
     assert peer.epoch == 1
+
+
+def _keeper_without_witness(node: str, changes: list[tuple[bool, bool]]) -> QuorumKeeper:
+    cfg = _config()
+    cfg = ClusterConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+                           "witness": None})
+    async def run_blocking(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+    k = QuorumKeeper(cfg, node, MemoryMetaStore(), lambda *_: True, run_blocking,
+                     lambda ok, fenced: changes.append((ok, fenced)))
+    k.multipath = True
+    return k
+
+
+async def test_without_witness_the_higher_node_stands_aside_if_the_peer_comes_back() -> None:
+    """Several networks, no witness: a lost active link must not leave both going on."""
+    changes: list[tuple[bool, bool]] = []
+    low, high = _keeper_without_witness("a", []), _keeper_without_witness("b", changes)
+    for k, peer in ((low, "b"), (high, "a")):
+        k.link_up(peer)
+        k.peer_joined()
+        k.link_lost(peer, asyncio.get_running_loop().time())
+    t0 = time.monotonic()
+    assert await low.may_go_alone()  # the lower node never waits
+    assert time.monotonic() - t0 < 0.1
+    waiting = asyncio.ensure_future(high.may_go_alone())
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # waits for the peer over another network ...
+    high.link_up("a")  # ... which comes back: it went on, so this node stands aside
+    assert await asyncio.wait_for(waiting, 1) is False
+    assert not high.serving() and changes[-1] == (False, True)
+    high.peer_joined()  # caught up: serving again
+    assert high.serving() and changes[-1] == (True, False)
+    # Lost again and the peer stays away for the peer timeout: it is gone, go on alone.
+    high.link_lost("a", asyncio.get_running_loop().time())
+    t0 = time.monotonic()
+    assert await high.may_go_alone()
+    assert PEER_TIMEOUT - 0.05 <= time.monotonic() - t0 < PEER_TIMEOUT + 0.5
+    assert high.serving()
