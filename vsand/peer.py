@@ -607,16 +607,18 @@ class PeerEndpoint:
             log.info("peer link %d to node %s up (standby)", link.path, peer)
 
     def _link_message(self, link: PeerLink, msg: Message) -> None:
-        peer = link.peer_id
-        if peer in self.multipath and type(msg) not in (Heartbeat, HeartbeatAck):
-            if type(msg) is Control and msg.kind is ControlKind.ACTIVE:  # type: ignore[union-attr]
-                if not self._leads(peer):
-                    self._follow(link)
-                return
-            if self.links.get(peer) is not link:  # type: ignore[arg-type]
-                log.debug("peer link %d to node %s: %s dropped: not the active link",
-                          link.path, peer, msg.TYPE.name)
-                return
+        # Every replicated write passes here: one network costs one truth test.
+        if self.multipath and type(msg) not in (Heartbeat, HeartbeatAck):
+            peer = link.peer_id
+            if peer in self.multipath:
+                if type(msg) is Control and msg.kind is ControlKind.ACTIVE:  # type: ignore[union-attr]
+                    if not self._leads(peer):  # type: ignore[arg-type]
+                        self._follow(link)
+                    return
+                if self.links.get(peer) is not link:  # type: ignore[arg-type]
+                    log.debug("peer link %d to node %s: %s dropped: not the active link",
+                              link.path, peer, msg.TYPE.name)
+                    return
         self.on_message(link, msg)
 
     def _follow(self, link: PeerLink) -> None:
