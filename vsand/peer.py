@@ -600,7 +600,7 @@ class PeerEndpoint:
         if peer is not None and self.links.get(peer) is link:
             if peer in self.multipath:
                 log.info("peer link %d to node %s carries the replication", link.path, peer)
-                link.send(Control(0, ControlKind.ACTIVE, 0, value=link.path))
+                link.send(Control(0, ControlKind.ACTIVE, 0))
             if self.on_up is not None:
                 self.on_up(link)
         else:

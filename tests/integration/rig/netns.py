@@ -147,30 +147,45 @@ class Namespaces:
         # flags=0: a namespace that is gone is an error, not a new empty one made silently
         return self._IPRoute(netns=ns, flags=0)
 
-    def _configure(self, member: str) -> None:
-        """The member's veth end gets its address; it and ``lo`` go up."""
+    def _configure(self, member: str, ifname: str | None = None,
+                   address: str | None = None) -> None:
+        """The member's veth end (default: its first) gets its address; it and ``lo`` go up."""
         with self._ipr(member) as ipr:
-            (index,) = ipr.link_lookup(ifname=self.ifnames[member])
-            ipr.addr("add", index=index, address=self.addresses[member],
+            (index,) = ipr.link_lookup(ifname=ifname or self.ifnames[member])
+            ipr.addr("add", index=index, address=address or self.addresses[member],
                      prefixlen=self.prefixlen)
             ipr.link("set", index=index, state="up")
             (lo,) = ipr.link_lookup(ifname="lo")
             ipr.link("set", index=lo, state="up")
 
-    def _await_carrier(self, up: bool = True) -> None:
-        """Until every member's veth end reports the wanted operational state."""
+    def _direct_veth(self, ifnames: dict[str, str], addresses: dict[str, str]) -> None:
+        """A veth pair straight between two members' namespaces (``ifnames``: each one's
+        end), addressed and up: a second network between them."""
+        x, y = ifnames
+        with self._IPRoute() as ipr:
+            ipr.link("add", ifname=ifnames[x], kind="veth", peer=ifnames[y])
+            for m in (x, y):
+                (index,) = ipr.link_lookup(ifname=ifnames[m])
+                ipr.link("set", index=index, net_ns_fd=self.names[m])
+        for m in (x, y):
+            self._configure(m, ifnames[m], addresses[m])
+
+    def _await_carrier(self, up: bool = True, ifnames: dict[str, str] | None = None) -> None:
+        """Until every veth end in ``ifnames`` (default: each member's first) reports the
+        wanted operational state."""
+        ifnames = ifnames or self.ifnames
         want = "UP" if up else "DOWN"
         end = time.monotonic() + LINK_DEADLINE_S
         while True:
             states = {}
-            for m in self.members:
+            for m, ifname in ifnames.items():
                 with self._ipr(m) as ipr:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames[m])
+                    (index,) = ipr.link_lookup(ifname=ifname)
                     states[m] = ipr.get_links(index)[0].get_attr("IFLA_OPERSTATE")
             if all(s == want for s in states.values()):
                 return
             if time.monotonic() > end:
-                raise AssertionError(f"veths {self.ifnames}: {states}, wanted {want} within "
+                raise AssertionError(f"veths {ifnames}: {states}, wanted {want} within "
                                      f"{LINK_DEADLINE_S:g} s")
             time.sleep(0.02)
 
@@ -212,48 +227,25 @@ class NetnsPair(Namespaces):
                 ipr.link("set", index=index, net_ns_fd=self.names[side])
         for side in SIDES:
             self._configure(side)
-        if self.ifnames2:
-            with self._IPRoute() as ipr:
-                ipr.link("add", ifname=self.ifnames2["a"], kind="veth",
-                         peer=self.ifnames2["b"])
-                for side in SIDES:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames2[side])
-                    ipr.link("set", index=index, net_ns_fd=self.names[side])
-            for side in SIDES:
-                with self._ipr(side) as ipr:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames2[side])
-                    ipr.addr("add", index=index, address=self.addresses2[side],
-                             prefixlen=self.prefixlen)
-                    ipr.link("set", index=index, state="up")
         self._await_carrier(True)
+        if self.ifnames2:
+            self._direct_veth(self.ifnames2, self.addresses2)
+            self._await_carrier(True, self.ifnames2)
 
     # --- the link ---------------------------------------------------------------------
     def link_down(self, network: int = 0) -> None:
         """Cut a network in both directions (its end in ``a`` goes down)."""
         self._set_a("down", network)
-        self._await_carrier(False, network)
 
     def link_up(self, network: int = 0) -> None:
         self._set_a("up", network)
-        self._await_carrier(True, network)
 
-    def _set_a(self, state: str, network: int = 0) -> None:
+    def _set_a(self, state: str, network: int) -> None:
+        ifnames = (self.ifnames, self.ifnames2)[network]
         with self._ipr("a") as ipr:
-            (index,) = ipr.link_lookup(ifname=(self.ifnames, self.ifnames2)[network]["a"])
+            (index,) = ipr.link_lookup(ifname=ifnames["a"])
             ipr.link("set", index=index, state=state)
-
-    def _await_carrier(self, up: bool = True, network: int = 0) -> None:
-        if network == 0:
-            super()._await_carrier(up)
-            if not self.ifnames2 or not up:
-                return
-        saved = self.ifnames
-        self.ifnames = self.ifnames2
-        try:
-            super()._await_carrier(up)
-        finally:
-            self.ifnames = saved
-
+        self._await_carrier(state == "up", ifnames)
 
     # --- processes inside -------------------------------------------------------------
     def run_argv(self, ns: str, argv: list[str]) -> list[str]:

@@ -148,20 +148,10 @@ class FaultNet(Namespaces):
         for m in MEMBERS:
             self._configure(m)
             self._nft(m, _RULESET)
-        if self.ifnames2:
-            with self._IPRoute() as ipr:
-                ipr.link("add", ifname=self.ifnames2["a"], kind="veth",
-                         peer=self.ifnames2["b"])
-                for m in NODE_MEMBERS:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames2[m])
-                    ipr.link("set", index=index, net_ns_fd=self.names[m])
-            for m in NODE_MEMBERS:
-                with self._ipr(m) as ipr:
-                    (index,) = ipr.link_lookup(ifname=self.ifnames2[m])
-                    ipr.addr("add", index=index, address=self.addresses2[m],
-                             prefixlen=self.prefixlen)
-                    ipr.link("set", index=index, state="up")
         self._await_carrier()
+        if self.ifnames2:
+            self._direct_veth(self.ifnames2, self.addresses2)
+            self._await_carrier(True, self.ifnames2)
 
     def _path(self, ns: str) -> str:
         return os.path.join(self._netns.NETNS_RUN_DIR, ns)
