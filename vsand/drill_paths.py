@@ -25,8 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .admin import request
+from .config import ISCSI_PORT
 from .config_schema import parse_address
-from .initiator import IoFailed, Multipath, PathError, PathSession
+from .initiator import IoFailed, Multipath, PathSession
 
 REGION = 256 * 1024
 WRITE = 4096
@@ -86,7 +87,7 @@ def run_path_drill(socket_path: str, lun: str, seconds: float, *, paths: list[st
     lba0 = int(entry["blocks"]) - REGION // bs
     sessions = []
     for text in paths:
-        host, port = parse_address(text, 3260)
+        host, port = parse_address(text, ISCSI_PORT)
         sessions.append(PathSession(host, port, target, number, initiator=initiator,
                                     chap=chap, timeout=io_timeout))
     mp = Multipath(sessions, queue_s=max(60.0, 4 * seconds), probe_s=1.0)
@@ -141,16 +142,9 @@ def run_path_drill(socket_path: str, lun: str, seconds: float, *, paths: list[st
 
 
 def _read_back(session: PathSession, lba0: int, bs: int) -> bytes:
-    """The region through this one path (the replica behind it), once the path works."""
-    deadline = time.monotonic() + READ_BACK_S
-    mp = Multipath([session], queue_s=READ_BACK_S, probe_s=0.5)
-    while True:
-        try:
-            return mp.read(lba0, REGION // bs, bs)
-        except (IoFailed, PathError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    """The region through this one path (the replica behind it), once the path works: a
+    one-path Multipath queues through path errors for READ_BACK_S."""
+    return Multipath([session], queue_s=READ_BACK_S, probe_s=0.5).read(lba0, REGION // bs, bs)
 
 
 def _verify(socket_path: str, lun: str) -> dict[str, int]:

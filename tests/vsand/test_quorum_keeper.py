@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -179,9 +180,8 @@ async def test_every_epoch_won_is_told_and_a_resyncing_peer_adopts_it_when_in_sy
 
 
 def _keeper_without_witness(node: str, changes: list[tuple[bool, bool]]) -> QuorumKeeper:
-    cfg = _config()
-    cfg = ClusterConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
-                           "witness": None})
+    cfg = dataclasses.replace(_config(), witness=None)
+
     async def run_blocking(fn: Any, *args: Any) -> Any:
         return fn(*args)
     k = QuorumKeeper(cfg, node, MemoryMetaStore(), lambda *_: True, run_blocking,
