@@ -16,13 +16,18 @@ these state machines.  How they fit, for one mirrored LUN on each node:
   on reconnect (or reports a split brain / unrelated data for an operator).
 - ``resync`` and ``verify`` plan the copy of dirty regions (rate-limited by ``ratelimit``,
   yielding to foreground I/O) and the online comparison of region checksums.
+- ``quorum`` holds the rules of two data nodes and a witness: leases renewed by answered
+  heartbeats, the witness's one vote per epoch, and the timing argument that keeps two sides
+  from ever serving at once.
+- ``membership`` decides the in-sync set of three or more data nodes by majority (one round
+  of Paxos per epoch, leases waited out before a new view serves).  The daemon does not run it
+  yet: three-node clusters are refused at start until the replication follows its views.
 
 On the daemon side, ``vsand/peer.py`` carries these messages over authenticated TCP links
-(heartbeats, loss detection, reconnect, one link per node pair).  Not yet built: the cluster
-manager that feeds ``Lun`` writes through the ordering engine and applies what it orders, the
-cluster config, ``vsand demo``, and the quorum/witness layer.  One mapping to settle there:
-the engine names a write's origin node, the wire frames do not; a request id whose top bits
-name the origin node (request ids are unique per origin) carries it, and a COMPARE AND WRITE
-is replicated as its own operation so every replica compares in sequence order and reaches the
-same outcome.
+(heartbeats on every network, loss detection, reconnect), ``vsand/replication.py`` feeds a
+LUN's writes through the ordering engine and drives exchange, resync and verify,
+``vsand/quorum.py`` runs the quorum rules and ``vsand/cluster.py`` wires them per node.  A
+write's origin node travels in the top bits of its request id (request ids are unique per
+origin), and a COMPARE AND WRITE is replicated as its own operation so every replica compares
+in sequence order and reaches the same outcome.
 """

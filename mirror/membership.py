@@ -52,6 +52,20 @@ rank before trying, and a node that promised waits for the round it promised to.
 
 Everything here is a pure function of the messages and times given: the driver persists each
 ``Persist`` before sending anything that follows it, and delivers ``Send``.
+
+What the data layer must do for this to hold (per LUN; ``tests/mirror/test_membership.py``
+simulates the first two, with writes that land on all members at once):
+
+- A write is acknowledged only when every member of the view it was ordered in applied it,
+  and a node that promised a newer epoch applies no write of an older one (its answers to
+  them are refusals), so nothing is acknowledged in a view once a round began to replace it.
+- ``set_in_sync`` names a peer only if it holds everything this node holds and receives every
+  write this node applies from then on; a peer that misses one is taken out first.
+- When a view is decided, writes that were in flight (ordered or not) may be on some members
+  and not others: every member marks its activity log's regions for the others, and the
+  lowest member copies its version of all of them to the rest before the view serves.
+- The lowest member is the resync source of every non-member, from its bitmap for that node
+  united with the node's own (what the node wrote that the others may lack).
 """
 
 from __future__ import annotations
