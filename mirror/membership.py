@@ -157,6 +157,7 @@ class Kind(enum.IntEnum):
     ACCEPT = 4
     ACCEPTED = 5
     COMMIT = 6  # value: milliseconds the members still wait before serving
+    LINKS = 7  # view (epoch 0): the nodes the sender is linked to now
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,7 @@ class Message:
 
 NEVER = 0xFFFFFFFF
 _WIRE = struct.Struct(">BQQIQ")  # kind, epoch, view epoch, members (bit i: voters[i]), value
-_HAS_VIEW = {Kind.PROMISE, Kind.ACCEPT, Kind.COMMIT}
+_HAS_VIEW = {Kind.PROMISE, Kind.ACCEPT, Kind.COMMIT, Kind.LINKS}
 
 
 def encode(msg: Message, voters: list[str]) -> bytes:
@@ -198,7 +199,8 @@ def decode(raw: bytes, voters: list[str]) -> Message:
         return Message(kind, epoch, None, value)
     if mask == 0 or mask >> len(voters):
         raise MembershipError(f"{kind.name} names members {mask:#x} of {len(voters)} nodes")
-    if view_epoch > epoch or (kind is not Kind.PROMISE and view_epoch != epoch):
+    if view_epoch > epoch or (kind in (Kind.ACCEPT, Kind.COMMIT) and view_epoch != epoch) \
+            or (kind is Kind.LINKS and epoch != 0):
         raise MembershipError(f"{kind.name} for epoch {epoch} carries view epoch {view_epoch}")
     members = frozenset(v for i, v in enumerate(voters) if mask >> i & 1)
     return Message(kind, epoch, View(view_epoch, members), value)
@@ -240,7 +242,7 @@ class Membership:
     """
 
     def __init__(self, node: str, voters: list[str], record: VoteRecord, *,
-                 peer_timeout: float) -> None:
+                 peer_timeout: float, now: float) -> None:
         if node not in voters or len(voters) < 3:
             raise ValueError("membership needs three or more voters, this node among them")
         self.node = node
@@ -254,7 +256,9 @@ class Membership:
         self.view: View | None = None  # the newest decided view this node knows
         self.serve_at = math.inf
         self.leases = {v: Lease(self.lease_time) for v in self.voters if v != node}
-        self.last_grant = -math.inf
+        # A node that just started may have granted a lease just before it stopped, and
+        # that is not on record: its promises count from now.
+        self.last_grant = now
         self.round: _Round | None = None
         self.highest_seen = record.promised
         self.not_before = -math.inf  # no round of ours before this (we promised, or failed)
@@ -263,6 +267,12 @@ class Membership:
         # it was left out stops coordinating (its rounds would only hold up the members').
         self.newest = record.accepted
         self._retold: dict[str, float] = {}
+        # What each peer last said it is linked to: a view needs every pair of its members
+        # linked (each write goes from its origin to every member), so a cut between two
+        # others counts too.
+        self.links_of: dict[str, frozenset[str]] = {}
+        self._links_told = -math.inf
+        self._links_sent: frozenset[str] | None = None
         self.last_change = ""
 
     # ------------------------------------------------------------------ inputs
@@ -272,6 +282,7 @@ class Membership:
     def link_down(self, peer: str) -> None:
         self.linked.discard(peer)
         self.in_sync.discard(peer)
+        self.links_of.pop(peer, None)
 
     def set_in_sync(self, peers: set[str]) -> None:
         self.in_sync = set(peers) - {self.node}
@@ -325,6 +336,10 @@ class Membership:
         if msg.kind is Kind.COMMIT:
             assert msg.view is not None
             return self._commit(peer, msg.view, msg.value / 1000, now)
+        if msg.kind is Kind.LINKS:
+            assert msg.view is not None
+            self.links_of[peer] = msg.view.members
+            return []
         rnd = self.round
         if rnd is None or msg.epoch != rnd.epoch:
             return []  # an answer to a round given up
@@ -342,8 +357,8 @@ class Membership:
         ok, rec = self.record.promise(coordinator, epoch)
         if not ok:
             return [Send(coordinator, Message(Kind.REFUSE, epoch, value=self.record.promised))]
-        self._wait_for_round(now)
         out: list[Action] = self._store(rec)
+        self._wait_for_round(now)
         out.append(Send(coordinator, self._promise(epoch, now)))
         return out
 
@@ -357,8 +372,9 @@ class Membership:
         if not ok:
             return [Send(coordinator, Message(Kind.REFUSE, view.epoch,
                                               value=self.record.promised))]
+        out = self._store(rec)
         self._wait_for_round(now)
-        return self._store(rec) + [Send(coordinator, Message(Kind.ACCEPTED, view.epoch))]
+        return out + [Send(coordinator, Message(Kind.ACCEPTED, view.epoch))]
 
     def _commit(self, coordinator: str, view: View, wait: float, now: float) -> list[Action]:
         # A decided view may be adopted by a node that missed the ACCEPT, or that promised
@@ -400,11 +416,24 @@ class Membership:
 
     # ------------------------------------------------------------------ the coordinator
     def tick(self, now: float) -> list[Action]:
+        out = self._tell_links(now)
         rnd = self.round
         if rnd is not None:
             if now - rnd.started > ROUND_TIMEOUT * self.peer_timeout:
-                return self._give_up(now, f"epoch {rnd.epoch} got no majority in time")
+                return out + self._give_up(now, f"epoch {rnd.epoch} got no majority in time")
+            return out
+        return out + self._maybe_start(now)
+
+    def _tell_links(self, now: float) -> list[Action]:
+        links = frozenset(self.linked)
+        if not links or (links == self._links_sent
+                         and now < self._links_told + self.peer_timeout / 2):
             return []
+        self._links_sent, self._links_told = links, now
+        msg = Message(Kind.LINKS, 0, View(0, links))
+        return [Send(p, msg) for p in sorted(links)]
+
+    def _maybe_start(self, now: float) -> list[Action]:
         reason = self.why_change(now)
         if reason is None:
             self.want_since = None
@@ -429,13 +458,30 @@ class Membership:
             # The others promised a round that did not finish: their votes are for an epoch
             # that was never decided, so only a new round brings them back.
             return "no majority grants this view its votes"
-        lost = base.members - {self.node} - (self.linked & self.in_sync)
+        target = self._viable(base)
+        lost = base.members - target
         if lost:
             return f"lost {', '.join(sorted(lost))}"
-        joiners = (self.linked & self.in_sync) - base.members
+        joiners = target - base.members
         if joiners:
             return f"{', '.join(sorted(joiners))} caught up"
         return None
+
+    def _linked(self, x: str, y: str) -> bool:
+        if x == self.node or y == self.node:
+            return (y if x == self.node else x) in self.linked
+        return y in self.links_of.get(x, ()) and x in self.links_of.get(y, ())
+
+    def _viable(self, newest: View) -> frozenset[str]:
+        """The members to propose after ``newest``: this node, then the members of
+        ``newest`` and then other nodes the data layer reports in sync with this node, each
+        only if linked to every one chosen before it (members first, lower names first)."""
+        ready = self.linked & self.in_sync
+        chosen = [self.node]
+        for x in sorted(newest.members & ready) + sorted(ready - newest.members):
+            if all(self._linked(x, y) for y in chosen):
+                chosen.append(x)
+        return frozenset(chosen)
 
     def _rank(self) -> int:
         """How many reachable members would coordinate before this node."""
@@ -464,9 +510,7 @@ class Membership:
         self._learn(newest)
         if self.node not in newest.members:
             return self._give_up(now, f"not a member of epoch {newest.epoch}'s view")
-        ready = self.linked & self.in_sync
-        members = (newest.members & (ready | {self.node})) | ready
-        view = rnd.proposal = View(rnd.epoch, frozenset(members))
+        view = rnd.proposal = View(rnd.epoch, self._viable(newest))
         ok, rec = self.record.accept(self.node, view)
         assert ok
         out = self._store(rec)

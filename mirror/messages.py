@@ -509,6 +509,7 @@ class ControlKind(enum.IntEnum):
     DRILL = 6  # a failover drill: the receiver plays a hung node for ``value`` ms (lun 0)
     ACTIVE = 7  # with several networks: this link carries the replication (lun 0; sent by
     #             the node with the lower id, first thing on the link it chose)
+    VIEW = 8  # three or more nodes: a membership message (lun 0; body: mirror.membership)
 
 
 @dataclass(frozen=True, slots=True)

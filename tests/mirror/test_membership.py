@@ -66,7 +66,8 @@ def test_damaged_records_are_refused(raw: bytes) -> None:
 MESSAGES = [Message(Kind.PREPARE, 5), Message(Kind.PROMISE, 5, View(3, frozenset("ab")), 250),
             Message(Kind.PROMISE, 5, View(0, ALL), NEVER), Message(Kind.REFUSE, 5, value=9),
             Message(Kind.ACCEPT, 5, View(5, frozenset("bc"))), Message(Kind.ACCEPTED, 5),
-            Message(Kind.COMMIT, 5, View(5, frozenset("a")), 1800)]
+            Message(Kind.COMMIT, 5, View(5, frozenset("a")), 1800),
+            Message(Kind.LINKS, 0, View(0, frozenset("bc")))]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: m.kind.name)
@@ -97,12 +98,18 @@ def test_decode_refuses_members_that_are_no_voters_and_views_out_of_place() -> N
 
 # ---------------------------------------------------------------------- one round by hand
 def _node(name: str, record: VoteRecord | None = None) -> Membership:
-    m = Membership(name, VOTERS, record or VoteRecord.initial(VOTERS), peer_timeout=2.0)
+    m = Membership(name, VOTERS, record or VoteRecord.initial(VOTERS), peer_timeout=2.0,
+                   now=-100.0)
     for p in VOTERS:
         if p != name:
             m.link_up(p)
     m.set_in_sync(set(VOTERS))
+    m.links_of = {p: frozenset(VOTERS) - {p} for p in VOTERS if p != name}
     return m
+
+
+def _rounds(actions: list[object]) -> list[object]:
+    return [a for a in actions if not (isinstance(a, Send) and a.msg.kind is Kind.LINKS)]
 
 
 def _deliver(nodes: dict[str, Membership], sender: str, actions: list[object],
@@ -117,8 +124,8 @@ def _deliver(nodes: dict[str, Membership], sender: str, actions: list[object],
 
 def test_a_cluster_starts_in_one_round_and_serves_with_leases() -> None:
     nodes = {n: _node(n) for n in VOTERS}
-    assert nodes["b"].tick(0.0) == []  # b waits for a, the lowest
-    actions = nodes["a"].tick(0.0)
+    assert _rounds(nodes["b"].tick(0.0)) == []  # b waits for a, the lowest
+    actions = _rounds(nodes["a"].tick(0.0))
     assert isinstance(actions[0], Persist) and actions[0].record.promised == 1
     _deliver(nodes, "a", actions, 0.0)
     assert all(m.view == View(1, ALL) for m in nodes.values())
@@ -148,10 +155,38 @@ def test_a_lost_member_is_dropped_by_the_two_others_after_its_lease() -> None:
     assert not nodes["a"].record.accept("c", View(2, frozenset("c")))[0]
 
 
+def test_a_cut_between_two_members_is_settled_by_the_third() -> None:
+    nodes = {n: _node(n) for n in VOTERS}
+    _deliver(nodes, "a", nodes["a"].tick(0.0), 0.0)
+    assert nodes["a"].grant("c", 1, 0.9)  # c holds a's vote until 0.9 + 1.6
+    nodes["b"].link_down("c")
+    nodes["c"].link_down("b")
+    # Both tell a what they still reach; a, which reaches both, drops the higher name.
+    for n in "bc":
+        _deliver(nodes, n, [a for a in nodes[n].tick(1.0) if isinstance(a, Send)
+                            and a.msg.kind is Kind.LINKS and a.to == "a"], 1.0)
+    assert nodes["a"].why_change(1.0) == "lost c"
+    nodes["c"].not_before = nodes["b"].not_before = 99.0  # a acts before either of them
+    _deliver({n: nodes[n] for n in "ab"}, "a", nodes["a"].tick(1.0), 1.0)
+    assert nodes["a"].view == nodes["b"].view == View(2, frozenset("ab"))
+    # c kept the lease from a it renewed at 0.9: the new view waits it out, with margin.
+    assert nodes["a"].serve_at == pytest.approx(1.0 + FENCE_FACTOR * 1.6 - 0.1, abs=0.002)
+
+
+def test_a_restarted_node_promises_as_if_it_had_just_granted_a_lease() -> None:
+    # Before it crashed, b may have renewed a lease it has no record of: its promises say
+    # "granted just now" until a lease has passed since it started.
+    b = Membership("b", VOTERS, VoteRecord(3, "b", View(3, frozenset("bc"))),
+                   peer_timeout=2.0, now=10.0)
+    sends = [a for a in b.receive("a", Message(Kind.PREPARE, 4), 10.25)
+             if isinstance(a, Send)]
+    assert sends[0].msg.kind is Kind.PROMISE and sends[0].msg.value == 250
+
+
 def test_a_node_outside_the_newest_view_does_not_coordinate() -> None:
     rec = VoteRecord(4, "a", View(4, frozenset("ab")))
     c = _node("c", rec)
-    assert c.why_change(100.0) is None and c.tick(100.0) == []
+    assert c.why_change(100.0) is None and _rounds(c.tick(100.0)) == []
 
 
 def test_a_stale_coordinator_gives_up_when_the_promises_show_a_newer_view() -> None:
@@ -207,8 +242,9 @@ class Sim:
         for name in VOTERS:
             rate = self.rng.uniform(0.92, 1.08)
             rec = VoteRecord.initial(VOTERS)
-            n = SimNode(name, rate, self.rng.uniform(0, 1000), rec,
-                        Membership(name, VOTERS, rec, peer_timeout=PEER_TIMEOUT))
+            offset = self.rng.uniform(0, 1000)
+            n = SimNode(name, rate, offset, rec,
+                        Membership(name, VOTERS, rec, peer_timeout=PEER_TIMEOUT, now=offset))
             self.nodes[name] = n
         for name in VOTERS:
             self.every(0.05, functools.partial(self.tick, name))
@@ -373,7 +409,8 @@ class Sim:
 
     def restart(self, name: str) -> None:
         n = self.nodes[name]
-        n.m = Membership(name, VOTERS, n.store, peer_timeout=PEER_TIMEOUT)
+        n.m = Membership(name, VOTERS, n.store, peer_timeout=PEER_TIMEOUT,
+                         now=n.clock(self.t))
         n.heard.clear()
         n.inbox.clear()
         n.alive = True
