@@ -510,6 +510,8 @@ class ControlKind(enum.IntEnum):
     ACTIVE = 7  # with several networks: this link carries the replication (lun 0; sent by
     #             the node with the lower id, first thing on the link it chose)
     VIEW = 8  # three or more nodes: a membership message (lun 0; body: mirror.membership)
+    REPAIR = 9  # verify's repair: the peer holds writes (value 1) while the source copies
+    #             the differing regions over its own (RESYNC_DATA), until released (value 0)
 
 
 @dataclass(frozen=True, slots=True)

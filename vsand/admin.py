@@ -171,12 +171,14 @@ class AdminServer:
             raise ValueError("this node is not part of a cluster")
         return c.resolve(lun)  # type: ignore[no-any-return]
 
-    def verify(self, lun: str = "", progress: bool = False) -> dict[str, Any]:
-        """Start an online verify of a mirrored LUN; ``progress``: only report on it."""
+    def verify(self, lun: str = "", progress: bool = False,
+               repair: bool = False) -> dict[str, Any]:
+        """Start an online verify of a mirrored LUN; ``progress``: only report on it;
+        ``repair``: this node's data is right, copy it where the peers' differs."""
         c = self.daemon.cluster
         if c is None:
             raise ValueError("this node is not part of a cluster")
-        return c.verify(lun, wait=progress)  # type: ignore[no-any-return]
+        return c.verify(lun, wait=progress, repair=repair)  # type: ignore[no-any-return]
 
     def sessions(self) -> list[dict[str, Any]]:
         reg = self.daemon.registry

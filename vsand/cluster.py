@@ -247,11 +247,12 @@ class Cluster:
                 return m
         raise KeyError(f"no mirrored LUN with serial {lun!r}")
 
-    def verify(self, lun: str, wait: bool = False) -> dict[str, Any]:
-        """``vsanctl verify``: start an online verify (or, with ``wait``, report it)."""
+    def verify(self, lun: str, wait: bool = False, repair: bool = False) -> dict[str, Any]:
+        """``vsanctl verify``: start an online verify (or, with ``wait``, report it);
+        ``repair``: copy this node's data over the peers' where they differ."""
         m = self._find(lun)
         if not wait:
-            m.start_verify()
+            m.start_verify(repair)
         return {"lun": m.label, **(m.verify_status() or {})}
 
     async def drill(self, lun: str, seconds: float, own_writer: bool = True) -> dict[str, Any]:

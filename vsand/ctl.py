@@ -57,7 +57,7 @@ def _cluster_text(result: dict[str, Any]) -> str:
 def _verify(args: argparse.Namespace) -> int:
     import time
     try:
-        st = request(args.socket, "verify", lun=args.lun)
+        st = request(args.socket, "verify", lun=args.lun, repair=args.repair)
         while args.wait and st.get("running"):
             print(f"\r{st['lun']}: {st['regions_checked']}/{st['regions_total']} regions, "
                   f"{st['mismatches']} differ, ETA {st['eta_s']} s   ", end="", flush=True,
@@ -74,11 +74,13 @@ def _verify(args: argparse.Namespace) -> int:
     elif args.wait:
         print(f"{st['lun']}: {st['regions_checked']} regions compared, "
               f"{st['regions_skipped']} skipped, {st['mismatches']} differ"
-              + (f" (regions {st['differing_regions']})" if st["mismatches"] else ""))
+              + (f" (regions {st['differing_regions']})" if st["mismatches"] else "")
+              + (f", {st['repaired_regions']} repaired from this node" if st["repair"]
+                 else ""))
     else:
         print(f"{st['lun']}: verify started ({st['regions_total']} regions); "
               "`vsanctl cluster` or `vsanctl verify --wait` shows progress")
-    return 3 if args.wait and st["mismatches"] else 0
+    return 3 if args.wait and st["mismatches"] > st["repaired_regions"] else 0
 
 
 def _drill(args: argparse.Namespace) -> int:
@@ -182,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                        "LUN across its replicas, while I/O runs")
     v.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")
     v.add_argument("--wait", action="store_true", help="show progress until it ends; exit "
-                   "status 3 when regions differ")
+                   "status 3 when regions differ (and were not repaired)")
+    v.add_argument("--repair", action="store_true", help="THIS node's data is right: copy it "
+                   "over the peer's in every region that differs (run it on the node you "
+                   "trust; writes pause on both nodes for each batch of 8 regions)")
     d = sub.add_parser("drill", help="failover drill: the peer plays a hung node; measures the "
                        "I/O stall and lost writes, verifies the replicas before and after")
     d.add_argument("lun", help="the LUN's serial (see vsanctl cluster)")

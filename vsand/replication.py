@@ -76,7 +76,7 @@ from .mirror.metastore import MetaStore
 from .mirror.ordering import Ack, Apply, Complete, Forward, OrderingEngine, Repl, Send
 from .mirror.ratelimit import ResyncThrottle, TokenBucket
 from .mirror.resync import ResyncPlan
-from .mirror.verify import VerifyPlan, region_checksum
+from .mirror.verify import RepairJob, VerifyPlan, region_checksum
 from .protocol.block import BlockOp, BlockRequest
 from .protocol.scsi import alua
 from .protocol.scsi.unit import ALUA_ACTIVE_OPTIMIZED, ALUA_TRANSITIONING, ALUA_UNAVAILABLE
@@ -92,6 +92,7 @@ RESYNC_TARGET_LATENCY = 0.005  # mean foreground latency above which resync back
 RESYNC_RETRY_S = (0.05, 5.0)  # first and longest wait after the target failed a copy
 FINAL_PASS_BYTES = 8 << 20  # copied with writes held at the end of a resync (~40 ms)
 VERIFY_IN_FLIGHT = 4
+REPAIR_BATCH = 8  # regions copied per hold by a verify's repair (8 MiB, as a final pass)
 _STATE = struct.Struct("!I")
 _T = TypeVar("_T")
 _FRESH, _SURVIVOR, _REPLY = 0x1, 0x2, 0x4  # CONTROL STATE value flags
@@ -253,6 +254,11 @@ class MirroredLun:
         self.verify: VerifyPlan | None = None
         self.verify_task: asyncio.Task[None] | None = None
         self.verify_finished_unix: float | None = None
+        self.repaired_regions = 0  # by this node's last verify with repair
+        # A peer copying a verify's repair here while this node holds its writes.
+        self._repair_from = ""
+        self._repair_end: asyncio.Event | None = None
+        self._repair_writes = 0
         # Per peer, this node's pending request for the peer's state: (exchange id, future).
         self._asked: dict[str, tuple[int, asyncio.Future[Any]]] = {}
         self._incoming: set[str] = set()  # peers whose request for our state awaits answer
@@ -700,6 +706,11 @@ class MirroredLun:
             self._spawn(self._sync_begin(peer, msg))
         elif kind is wire.ControlKind.JOIN:
             self._spawn(self._join_as_target(peer, msg, self._link_gen.get(peer, 0)))
+        elif kind is wire.ControlKind.REPAIR:
+            if msg.value:
+                self._spawn(self._repair_hold(peer, msg))
+            elif self._repair_from == peer and self._repair_end is not None:
+                self._repair_end.set()
 
     # ------------------------------------------------------------------ links
     def link_up(self, peer: str) -> None:
@@ -732,6 +743,8 @@ class MirroredLun:
         for rid, fut in list(self._replies.items()):
             if not fut.done():
                 fut.set_result(errno.ENOTCONN)
+        if self._repair_from == peer and self._repair_end is not None:
+            self._repair_end.set()
         if self.role is Role.SYNC_TARGET:
             self._set_role(Role.CONNECTING, f"resync source node {peer} lost")
         elif self.role in (Role.IN_SYNC, Role.SYNC_SOURCE):
@@ -1148,9 +1161,11 @@ class MirroredLun:
 
     async def _resync_data(self, peer: str, msg: wire.ResyncData) -> None:
         status = 0
-        if self.role is not Role.SYNC_TARGET:
+        repair = self._repair_from == peer and self.role is Role.IN_SYNC
+        if self.role is not Role.SYNC_TARGET and not repair:
             status = errno.EPROTO
         else:
+            self._repair_writes += repair
             try:
                 self._checked(BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks, msg.data),
                               self.lun.unit.params.blocks)
@@ -1159,6 +1174,8 @@ class MirroredLun:
             except (OSError, wire.PeerProtocolError) as e:
                 log.error("%s: resync data at block %d: %s", self.label, msg.lba, e)
                 status = getattr(e, "errno", None) or errno.EIO
+            finally:
+                self._repair_writes -= repair
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
 
     @_serialized
@@ -1189,16 +1206,20 @@ class MirroredLun:
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
 
     # ------------------------------------------------------------------ online verify
-    def start_verify(self) -> None:
+    def start_verify(self, repair: bool = False) -> None:
         """Compare every region's checksum across the in-sync replicas, while I/O runs: each
-        region is checksummed everywhere at the same point of the LUN's order (VERIFY)."""
+        region is checksummed everywhere at the same point of the LUN's order (VERIFY).
+        ``repair``: this node's data is right (the operator's word); every region that
+        differs is copied from here over the other replicas when the walk ends."""
         if self.role is not Role.IN_SYNC:
             raise ValueError(f"{self.label} is {self.role.value}: only replicas in sync can "
                              "be compared")
         if self.verify_task is not None and not self.verify_task.done():
             raise ValueError(f"a verify of {self.label} is running")
-        plan = self.verify = VerifyPlan(self.lun.backend.size, block_size=self.lun.block_size)
+        plan = self.verify = VerifyPlan(self.lun.backend.size, block_size=self.lun.block_size,
+                                        source=self.node if repair else None)
         self.verify_finished_unix = None
+        self.repaired_regions = 0
         log.info("%s: verify of %d regions started", self.label, plan.regions)
         self.verify_task = self._spawn(self._verify_run(plan))
 
@@ -1237,9 +1258,99 @@ class MirroredLun:
             for fut in running:
                 fut.cancel()
         st = plan.status(loop.time())
-        self.verify_finished_unix = time.time()
         log.info("%s: verify done: %d regions compared, %d skipped, %d differ", self.label,
                  st.regions_checked, st.regions_skipped, st.mismatch_count)
+        if plan.source == self.node:
+            await self._repair(plan.repair_jobs())
+        self.verify_finished_unix = time.time()
+
+    async def _repair(self, jobs: list[RepairJob]) -> None:
+        """Copy this node's version of every region the verify found different over the
+        other replicas', a batch at a time with new writes held and drained on every node
+        involved: no write can land between the read here and the copy there."""
+        for i in range(0, len(jobs), REPAIR_BATCH):
+            batch = jobs[i:i + REPAIR_BATCH]
+            if not await self._repair_batch(batch, sorted({p for j in batch for p in j.targets})):
+                log.error("%s: repair stopped: %d region(s) copied, %d not", self.label,
+                          self.repaired_regions, len(jobs) - self.repaired_regions)
+                return
+        if jobs:
+            log.warning("%s: repair done: %d region(s) copied from this node over the "
+                        "other replicas", self.label, self.repaired_regions)
+
+    @_serialized
+    async def _repair_batch(self, batch: list[RepairJob], peers: list[str]) -> bool:
+        if self.role is not Role.IN_SYNC or not await self._hold():
+            return False
+        held: list[str] = []
+        try:
+            for peer in peers:
+                rid = self._new_rid()
+                reply = self._expect(rid)
+                if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.REPAIR, rid,
+                                                    self.epoch, 1)):
+                    return False
+                status = await self._answer_of(reply)
+                if status:
+                    log.warning("%s: node %s did not hold its writes for the repair (%s)",
+                                self.label, peer, errno.errorcode.get(status, status))
+                    return False
+                held.append(peer)
+            for job in batch:
+                buf = await self.lun.apply_block(BlockRequest(BlockOp.READ, job.lba,
+                                                              job.blocks))
+                try:
+                    for peer in job.targets:
+                        rid = self._new_rid()
+                        reply = self._expect(rid)
+                        self.send(peer, wire.ResyncData(self.lun_id, rid, 0, job.lba,
+                                                        job.blocks, buf))
+                        status = await self._answer_of(reply)
+                        if status:
+                            log.warning("%s: node %s did not store repaired region %d (%s)",
+                                        self.label, peer, job.region,
+                                        errno.errorcode.get(status, status))
+                            return False
+                finally:
+                    release_buffer(buf)
+                self.repaired_regions += 1
+            return True
+        except OSError as e:
+            log.error("%s: repair read at block %d: %s", self.label, batch[0].lba, e)
+            return False
+        finally:
+            for peer in held:
+                self.send(peer, wire.Control(self.lun_id, wire.ControlKind.REPAIR, 0,
+                                             self.epoch, 0))
+            self._unpause()
+
+    @_serialized
+    async def _repair_hold(self, peer: str, msg: wire.Control) -> None:
+        """The peer repairs regions here: hold and drain new writes until it is done (or
+        gone, or out of time: a hung source must not hold this node's writes forever)."""
+        if self.role is not Role.IN_SYNC or msg.epoch != self.epoch:
+            self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, errno.EPROTO))
+            return
+        if not await self._hold():
+            self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, errno.EBUSY))
+            return
+        end = self._repair_end = asyncio.Event()
+        self._repair_from = peer
+        try:
+            self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, 0))
+            try:
+                await asyncio.wait_for(end.wait(), 2 * self.join_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s: node %s held this node's writes too long for a repair; "
+                            "released", self.label, peer)
+        finally:
+            self._repair_from = ""
+            self._repair_end = None
+            # A copy still being written would race the writes released now.
+            deadline = time.monotonic() + self.join_timeout
+            while self._repair_writes and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            self._unpause()
 
     def _resync_progress(self) -> dict[str, Any] | None:
         plan = self.plan
@@ -1263,7 +1374,8 @@ class MirroredLun:
                 "regions_skipped": st.regions_skipped, "mismatches": st.mismatch_count,
                 "differing_regions": [m.region for m in st.mismatches],
                 "eta_s": None if st.eta is None else round(st.eta, 1),
-                "finished_unix": self.verify_finished_unix}
+                "finished_unix": self.verify_finished_unix,
+                "repair": plan.source == self.node, "repaired_regions": self.repaired_regions}
 
     # ------------------------------------------------------------------ helpers
     def _new_rid(self) -> int:

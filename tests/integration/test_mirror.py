@@ -236,14 +236,25 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
         out = _vsanctl(c, "b", "verify", serial, "--wait")
         assert out.returncode == 3 and "1 differ (regions [9])" in out.stdout, \
             out.stdout + out.stderr
-        # Put it back so the replicas end identical.
-        with open(c.backing_path("a"), "rb") as f:
-            f.seek(9 * MiB + 4096)
-            good = f.read(512)
-        with open(c.backing_path("b"), "r+b") as f:
-            f.seek(9 * MiB + 4096)
-            f.write(good)
+        # The operator trusts a: a repair from a, while b's initiator writes (other regions
+        # than 9, and region 9 itself: what lands there after the repair must stay).
+        busy = subprocess.Popen(
+            qemu_io_argv(c.url("b"), [f"aio_write -P {i % 200} {(i * 7919 % 8000) * 8192} 8k"
+                                      for i in range(3000)] + ["aio_flush"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out = _vsanctl(c, "a", "verify", serial, "--wait", "--repair")
+        assert busy.wait(120) == 0, busy.stderr
+        assert out.returncode == 0 and "1 differ (regions [9]), 1 repaired from this node" \
+            in out.stdout, out.stdout + out.stderr
+        out = _vsanctl(c, "b", "verify", serial, "--wait")
+        assert out.returncode == 0 and "0 differ" in out.stdout, out.stdout + out.stderr
     _identical(c)
+    # Every write acknowledged during the repair is there: the last pattern at each offset.
+    last = {(i * 7919 % 8000) * 8192: i % 200 for i in range(3000)}
+    with open(c.backing_path("b"), "rb") as f:
+        for offset, pattern in last.items():
+            f.seek(offset)
+            assert f.read(8192) == bytes([pattern]) * 8192, offset
 
 
 def test_configuration_drift_between_nodes_is_flagged(tmp_path: Path) -> None:
