@@ -708,7 +708,7 @@ class MirroredLun:
             self._spawn(self._join_as_target(peer, msg, self._link_gen.get(peer, 0)))
         elif kind is wire.ControlKind.REPAIR:
             if msg.value:
-                self._spawn(self._repair_hold(peer, msg))
+                self._spawn(self._repair_hold(peer, msg, time.monotonic()))
             elif self._repair_from == peer and self._repair_end is not None:
                 self._repair_end.set()
 
@@ -1325,13 +1325,19 @@ class MirroredLun:
             self._unpause()
 
     @_serialized
-    async def _repair_hold(self, peer: str, msg: wire.Control) -> None:
+    async def _repair_hold(self, peer: str, msg: wire.Control, arrived: float) -> None:
         """The peer repairs regions here: hold and drain new writes until it is done (or
         gone, or out of time: a hung source must not hold this node's writes forever)."""
         if self.role is not Role.IN_SYNC or msg.epoch != self.epoch:
             self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, errno.EPROTO))
             return
-        if not await self._hold():
+        if time.monotonic() - arrived > self.join_timeout / 2:
+            # Queued behind another change (the peer's own repair, both at once): the source
+            # gives up waiting soon, and a hold it no longer uses would stall writes here.
+            self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, errno.EBUSY))
+            return
+        if not await self._hold() or time.monotonic() - arrived > 0.75 * self.join_timeout:
+            self._unpause()
             self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, errno.EBUSY))
             return
         end = self._repair_end = asyncio.Event()

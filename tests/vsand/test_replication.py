@@ -336,6 +336,42 @@ async def test_online_verify_finds_a_region_that_differs(pair: Any) -> None:
     assert st["mismatches"] == 1 and st["differing_regions"] == [5], st
 
 
+async def test_verify_repair_copies_the_trusted_copy_while_both_nodes_write(pair: Any) -> None:
+    a, b, _ = pair
+    for region in (2, 5, 9):  # three regions of b changed behind the mirror's back
+        await b.lun.apply_block(_write(region * MiB // BS + 7, 1, 0xEE))
+    a.start_verify(repair=True)
+    last = {}
+    writes = []
+    for i in range(300):
+        lba = (i * 7919) % (SIZE // BS - 8)
+        node = (a, b)[i % 2]
+        writes.append(node.lun.execute_block(_write(lba, 8, i % 256)))
+        last[lba] = i % 256
+    await asyncio.gather(a.verify_task, *writes)
+    st = a.verify_status()
+    assert st["mismatches"] == 3 and st["repaired_regions"] == 3 and st["repair"], st
+    assert _digest(a) == _digest(b)
+    for lba, fill in last.items():  # no write lost to a copy of older data
+        if all(not (o < lba + 8 and lba < o + 8) for o in last if o != lba):
+            assert _read(b, lba) == bytes([fill]) * BS
+    b.start_verify()
+    await asyncio.wait_for(b.verify_task, 10)
+    assert b.verify_status()["mismatches"] == 0
+
+
+async def test_repair_hold_ends_when_the_source_is_lost(pair: Any) -> None:
+    a, b, wire = pair
+    await b.lun.apply_block(_write(3 * MiB // BS, 1, 0xEE))
+    wire.delay = 0.01
+    a.start_verify(repair=True)
+    await _until(lambda: b._repair_from == "a")
+    wire.cut()  # the source goes away mid-repair: b's writes must not stay held
+    await _until(lambda: not b._paused)
+    assert b._repair_from == ""
+    await asyncio.wait_for(a.verify_task, 10)
+
+
 @pytest.mark.parametrize("turns", [0, 1, 2, 3, 5, 8, 13, 30])
 async def test_link_replaced_during_the_exchange(tmp_path: Path, turns: int) -> None:
     """Both nodes dial at once and one connection replaces the other while the states are
