@@ -18,9 +18,13 @@ cluster restarts) only through a round run by a member of the newest view it kno
    no lease of an older epoch, and serves nothing in one itself.
 2. With promises from a majority the coordinator takes the newest view among them (V).  It
    must be a member of V (a node left out holds no proof that it has the data; it waits to be
-   added), and proposes the members of V it is linked to and that the data layer reports in
-   sync with it, plus the linked non-members reported in sync (joiners).  ACCEPT(E, members):
-   a node accepts unless it promised a higher epoch (or E to someone else), and persists that.
+   added).  It proposes itself, the members of V and then the non-members (joiners) that it
+   is linked to and the data layer reports in sync with it, each only if linked to every one
+   chosen before it: every write goes from its origin to every member, so two members must
+   reach each other (nodes tell their peers what they are linked to, LINKS; of two members
+   cut apart, the one a third node reaches both of keeps the lower name).  ACCEPT(E,
+   members): a node accepts unless it promised a higher epoch (or E to someone else), and
+   persists that.
 3. With a majority of acceptances the view is decided: COMMIT tells every linked node, with
    how long the members must still wait before serving (below).
 
@@ -44,10 +48,13 @@ ago (``s``) its node last granted one; the coordinator lets the new view serve o
 the rest of that wait again on its own clock after COMMIT.  The clock assumption: monotonic
 clocks run within 10 % of real time (1.1/0.9 < FENCE_FACTOR = 1.25; no time of day needed).
 A member that is lost by crashing granted nothing since, so its loss costs no wait; a link cut
-between two members that both still reach the third costs one lease.
+between two members that both still reach the third costs one lease.  A node that restarts
+does not know what it granted before it stopped: it counts as having granted at its start.
 
 Liveness: the lowest linked member coordinates first; the others wait one peer timeout per
-rank before trying, and a node that promised waits for the round it promised to.  Duels
+reachable member with a lower name before trying, and a node that promised waits for the
+round it promised to.  A member that learns of a newer view without it stops coordinating,
+and a node that missed a COMMIT hears it again when its heartbeats name an older epoch.  Duels
 (two coordinators at once) are safe and end when one finds the other's higher epoch.
 
 Everything here is a pure function of the messages and times given: the driver persists each
@@ -83,8 +90,8 @@ ROUND_TIMEOUT = 2.0  # peer timeouts a round may take before it is abandoned
 
 _MAGIC = b"VSVR"
 _VERSION = 1
-_RECORD = struct.Struct("<4sHHQQB")  # magic, version, reserved, promised, accepted epoch,
-#                                      coordinator name length; then the name and members
+_RECORD = struct.Struct("<4sHHQQ")  # magic, version, member count, promised, accepted epoch;
+#                                     then the coordinator's and the members' names (u8 length)
 
 
 class MembershipError(ValueError):
@@ -129,11 +136,11 @@ class VoteRecord:
         names = [self.coordinator, *sorted(self.accepted.members)]
         body = b"".join(struct.pack("<B", len(n.encode())) + n.encode() for n in names)
         return seal(_RECORD.pack(_MAGIC, _VERSION, len(names) - 1, self.promised,
-                                 self.accepted.epoch, 0) + body)
+                                 self.accepted.epoch) + body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VoteRecord:
-        body, (_, _, count, promised, epoch, _) = unseal(
+        body, (_, _, count, promised, epoch) = unseal(
             data, _RECORD, _MAGIC, _VERSION, "vote record", MembershipError)
         names, at = [], _RECORD.size
         for _ in range(count + 1):
@@ -162,8 +169,9 @@ class Kind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One membership message.  ``view`` is the proposal (ACCEPT), the decision (COMMIT) or
-    the view last accepted (PROMISE); ``value`` as ``Kind`` says (PROMISE: milliseconds since
+    """One membership message.  ``view`` is the proposal (ACCEPT), the decision (COMMIT), the
+    view last accepted (PROMISE) or the nodes linked to the sender (LINKS); ``value`` as
+    ``Kind`` says (PROMISE: milliseconds since
     the sender last granted a lease, ``NEVER`` if it has not)."""
     kind: Kind
     epoch: int
