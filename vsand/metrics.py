@@ -166,12 +166,16 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
                                "replicas, found by the last (or running) verify", labels=["lun"])
     verify_end = GaugeMetricFamily("vsand_mirror_verify_end_time_seconds", "when the last "
                                    "verify ended (Unix time)", labels=["lun"])
+    repaired = GaugeMetricFamily("vsand_mirror_verify_repaired_regions", "regions the last "
+                                 "verify copied from this node (vsanctl verify --repair)",
+                                 labels=["lun"])
     for m in mirrors:
         st = m.status()
         v = st.get("verify")
         if v is not None:
             verified.add_metric([m.lun.unit.params.serial], v["regions_checked"])
             differ.add_metric([m.lun.unit.params.serial], v["mismatches"])
+            repaired.add_metric([m.lun.unit.params.serial], v["repaired_regions"])
             if v.get("finished_unix"):
                 verify_end.add_metric([m.lun.unit.params.serial], v["finished_unix"])
         label = m.lun.unit.params.serial
@@ -188,7 +192,7 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
         errs.add_metric([label], m.errors)
         latency.add_metric([label], _buckets(m.hist), m.ns / 1e9)
     yield from (role, replicas, dirty, resync, remaining, epoch, inflight, ops, errs, latency,
-                verified, differ, verify_end)
+                verified, differ, verify_end, repaired)
 
 
 def _buckets(hist: list[int]) -> list[tuple[str, int]]:

@@ -59,7 +59,8 @@ def _fake_daemon() -> Any:
                         "dirty_bytes": {"node-b": 0}, "resync_bytes": 0,
                         "resync_remaining_bytes": 0, "epoch": 2, "in_flight": 0,
                         "verify": {"regions_checked": 8, "mismatches": 0,
-                                   "finished_unix": 1.0e9}})
+                                   "finished_unix": 1.0e9,
+                                   "repaired_regions": 0}})
     cluster = SimpleNamespace(
         luns={1: mirror},
         status=lambda: {"peers": {"node-b": {"state": "up", "rtt_ms": 0.2, "drift": [],
@@ -245,7 +246,10 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
     "input_series": [
         {"series": f'vsand_peer_up{{{J}, {I}, peer="n2"}}', "values": "1 0x10"},
         {"series": f'vsand_quorum_serving{{{J}, {I}}}', "values": "1 0x5"},
-        {"series": f'vsand_mirror_verify_mismatches{{{J}, {I}, {M}}}', "values": "0 0 2x5"},
+        {"series": f'vsand_mirror_verify_mismatches{{{J}, {I}, {M}}}', "values": "0 0 2x5 1x5"},
+        # a verify with repair from minute 7: one region differed, and it was copied
+        {"series": f'vsand_mirror_verify_repaired_regions{{{J}, {I}, {M}}}',
+         "values": "0x6 1x5"},
         {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="config"}}',
          "values": "1x20"},
         {"series": f'vsand_peer_drift{{{J}, {I}, peer="n2", what="version"}}',
@@ -289,6 +293,7 @@ PROMTOOL_CASES: list[dict[str, Any]] = [{
         {"eval_time": "3m", "alertname": "VsandVerifyMismatch",
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "lun": "S1",
                                         "severity": "critical"}}]},
+        {"eval_time": "9m", "alertname": "VsandVerifyMismatch", "exp_alerts": []},
         {"eval_time": "5m", "alertname": "VsandPeerDrift", "exp_alerts": []},
         {"eval_time": "15m", "alertname": "VsandPeerDrift",
          "exp_alerts": [{"exp_labels": {"job": "vsand", "instance": "n1:9470", "peer": "n2",
