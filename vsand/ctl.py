@@ -38,7 +38,8 @@ def _cluster_text(result: dict[str, Any]) -> str:
         if v:
             state = "running" if v["running"] else "done"
             return (f"verify {state}: {v['regions_checked']}/{v['regions_total']} regions, "
-                    f"{v['mismatches']} differ")
+                    f"{v['mismatches']} differ"
+                    + (f", {v['repaired_regions']} repaired" if v["repair"] else ""))
         return ""
 
     luns = [{"lun": label, "role": m["role"], "epoch": m["epoch"],

@@ -246,6 +246,8 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
         assert busy.wait(120) == 0, busy.stderr
         assert out.returncode == 0 and "1 differ (regions [9]), 1 repaired from this node" \
             in out.stdout, out.stdout + out.stderr
+        table = _vsanctl(c, "a", "cluster").stdout
+        assert "verify done: 64/64 regions, 1 differ, 1 repaired" in table, table
         out = _vsanctl(c, "b", "verify", serial, "--wait")
         assert out.returncode == 0 and "0 differ" in out.stdout, out.stdout + out.stderr
     _identical(c)
