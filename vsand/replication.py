@@ -454,10 +454,19 @@ class MirroredLun:
     # ------------------------------------------------------------------ engine plumbing
     def _run(self, engine: OrderingEngine, actions: list[Any]) -> None:
         todo = deque(actions)
+        sent = False
         while todo:
             action = todo.popleft()
             kind = type(action)
             if kind is Apply:
+                if sent:
+                    # Peer output leaves at the end of this pass of the loop: applying here
+                    # first would hold the replicas' copies back for the local write's time.
+                    # The next pass applies it, after the flush (call_soon runs in order).
+                    self._applying += 1
+                    self._idle.clear()
+                    asyncio.get_running_loop().call_soon(self._apply_later, engine, action)
+                    continue
                 if self._apply_now(action):
                     todo.extend(engine.applied(action.seq))
                     continue
@@ -466,10 +475,25 @@ class MirroredLun:
                 self._spawn(self._apply_sequenced(engine, action))
             elif kind is Send:
                 self._send_engine(engine, action)
+                sent = True
             elif kind is Complete:
                 local = self._locals.pop(action.req, None)
                 if local is not None and not local.done.done():
                     local.done.set_result(None)
+
+    def _apply_later(self, engine: OrderingEngine, action: Apply) -> None:
+        try:
+            done = self._apply_now(action)
+        except Exception:  # the async path applies it again and reports what fails
+            log.exception("%s: applying sequence %d inline failed", self.label, action.seq)
+            done = False
+        if not done:
+            self._spawn(self._apply_sequenced(engine, action))  # counted already
+            return
+        self._applying -= 1
+        self._run(engine, engine.applied(action.seq))
+        if not self._inflight and not self._applying:
+            self._idle.set()
 
     def _apply_now(self, action: Apply) -> bool:
         """Apply a plain WRITE without a task when the activity log already holds its regions
