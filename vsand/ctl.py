@@ -39,7 +39,7 @@ def _cluster_text(result: dict[str, Any]) -> str:
             state = "running" if v["running"] else "done"
             return (f"verify {state}: {v['regions_checked']}/{v['regions_total']} regions, "
                     f"{v['mismatches']} differ"
-                    + (f", {v['repaired_regions']} repaired" if v["repair"] else ""))
+                    + (f", {v['repaired_regions']} repaired" if v.get("repair") else ""))
         return ""
 
     luns = [{"lun": label, "role": m["role"], "epoch": m["epoch"],
@@ -76,12 +76,12 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{st['lun']}: {st['regions_checked']} regions compared, "
               f"{st['regions_skipped']} skipped, {st['mismatches']} differ"
               + (f" (regions {st['differing_regions']})" if st["mismatches"] else "")
-              + (f", {st['repaired_regions']} repaired from this node" if st["repair"]
+              + (f", {st['repaired_regions']} repaired from this node" if st.get("repair")
                  else ""))
     else:
         print(f"{st['lun']}: verify started ({st['regions_total']} regions); "
               "`vsanctl cluster` or `vsanctl verify --wait` shows progress")
-    return 3 if args.wait and st["mismatches"] > st["repaired_regions"] else 0
+    return 3 if args.wait and st["mismatches"] > st.get("repaired_regions", 0) else 0
 
 
 def _drill(args: argparse.Namespace) -> int:
