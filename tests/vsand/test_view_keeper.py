@@ -4,7 +4,9 @@ speak, fence a cut-off node and take a returning one back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -115,6 +117,17 @@ class Net:
         for k in self.keepers.values():
             await k.close()
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Net]:
+        """Started, with the first view decided and served by all three; stopped after."""
+        self.start()
+        try:
+            await self.until("first view",
+                             lambda: all(k.serving() for k in self.keepers.values()))
+            yield self
+        finally:
+            await self.stop()
+
     async def until(self, what: str, cond: Any, timeout: float = 6.0) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
@@ -124,10 +137,7 @@ class Net:
 
 
 async def test_three_keepers_decide_serve_fence_and_rejoin() -> None:
-    net = Net()
-    net.start()
-    try:
-        await net.until("first view", lambda: all(k.serving() for k in net.keepers.values()))
+    async with Net().running() as net:
         first = net.keepers["a"].status()
         assert first["members"] == list(NODES) and first["serving"]
         # Every node persisted its promise before anything it sent in that epoch.
@@ -150,15 +160,10 @@ async def test_three_keepers_decide_serve_fence_and_rejoin() -> None:
                         and net.keepers["c"].status()["members"] == list(NODES))
         assert VoteRecord.from_bytes(net.stores["c"].read(RECORD) or b"").accepted.members \
             == frozenset(NODES)
-    finally:
-        await net.stop()
 
 
 async def test_a_cut_between_two_nodes_leaves_the_one_both_others_reach() -> None:
-    net = Net()
-    net.start()
-    try:
-        await net.until("first view", lambda: all(k.serving() for k in net.keepers.values()))
+    async with Net().running() as net:
         # b and c lose each other; a reaches both.  No view may hold both b and c (a write
         # must reach every member), so a drops the higher name, c, after c's lease from a
         # ran out (the watch checks that no two views serve at once meanwhile).
@@ -171,15 +176,10 @@ async def test_a_cut_between_two_nodes_leaves_the_one_both_others_reach() -> Non
         await asyncio.sleep(3 * PEER_TIMEOUT)
         assert net.keepers["a"].status()["epoch"] == epoch
         assert not net.keepers["c"].serving()
-    finally:
-        await net.stop()
 
 
 async def test_a_node_restarts_from_its_record_and_the_cluster_goes_on() -> None:
-    net = Net()
-    net.start()
-    try:
-        await net.until("first view", lambda: all(k.serving() for k in net.keepers.values()))
+    async with Net().running() as net:
         epoch = net.keepers["a"].status()["epoch"]
         await net.keepers["b"].close()
         net.keepers["b"] = net.keeper("b")  # same store: the record survives
@@ -189,8 +189,6 @@ async def test_a_node_restarts_from_its_record_and_the_cluster_goes_on() -> None
         net.keepers["b"].start()
         await net.until("b back", lambda: all(k.serving() for k in net.keepers.values()))
         assert net.keepers["b"].status()["epoch"] > epoch  # a restart needs a new round
-    finally:
-        await net.stop()
 
 
 def test_a_damaged_or_foreign_record_is_refused_with_its_name() -> None:
