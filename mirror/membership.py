@@ -282,6 +282,7 @@ class Membership:
         self._links_told = -math.inf
         self._links_sent: frozenset[str] | None = None
         self.last_change = ""
+        self.wanted = ""  # the data layer asked for a round (``request_round``)
 
     # ------------------------------------------------------------------ inputs
     def link_up(self, peer: str) -> None:
@@ -294,6 +295,12 @@ class Membership:
 
     def set_in_sync(self, peers: set[str]) -> None:
         self.in_sync = set(peers) - {self.node}
+
+    def request_round(self, reason: str) -> None:
+        """The data layer needs the view decided again (a peer it reported in sync fell
+        behind after a proposal may have named it): a member runs a round even if nothing
+        else changed.  Cleared when a view is decided."""
+        self.wanted = reason
 
     def heartbeat_epoch(self) -> int:
         return self.view.epoch if self.view is not None else self.record.accepted.epoch
@@ -421,6 +428,7 @@ class Membership:
         for lease in self.leases.values():
             lease.drop()
         self.want_since = None
+        self.wanted = ""
 
     # ------------------------------------------------------------------ the coordinator
     def tick(self, now: float) -> list[Action]:
@@ -473,7 +481,7 @@ class Membership:
         joiners = target - base.members
         if joiners:
             return f"{', '.join(sorted(joiners))} caught up"
-        return None
+        return self.wanted or None
 
     def _linked(self, x: str, y: str) -> bool:
         if x == self.node or y == self.node:
@@ -483,10 +491,13 @@ class Membership:
     def _viable(self, newest: View) -> frozenset[str]:
         """The members to propose after ``newest``: this node, then the members of
         ``newest`` and then other nodes the data layer reports in sync with this node, each
-        only if linked to every one chosen before it (members first, lower names first)."""
+        only if linked to every one chosen before it (members first, lower names first).
+        Joiners only while this node knows ``newest`` to be decided (it serves in it): a
+        node in sync with an older view may have missed what a newer one acknowledged."""
         ready = self.linked & self.in_sync
+        joiners = ready - newest.members if newest == self.view else set()
         chosen = [self.node]
-        for x in sorted(newest.members & ready) + sorted(ready - newest.members):
+        for x in sorted(newest.members & ready) + sorted(joiners):
             if all(self._linked(x, y) for y in chosen):
                 chosen.append(x)
         return frozenset(chosen)

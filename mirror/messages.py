@@ -512,6 +512,10 @@ class ControlKind(enum.IntEnum):
     VIEW = 8  # three or more nodes: a membership message (lun 0; body: mirror.membership)
     REPAIR = 9  # verify's repair: the peer holds writes (value 1) while the source copies
     #             the differing regions over its own (RESYNC_DATA), until released (value 0)
+    RECONCILE = 10  # three or more nodes, a LUN's epoch change run by its source (the lowest
+    #                 member): ``value`` says which step (vsand/viewlun.py), ``body`` a bitmap
+    #                 or the new epoch's replicas
+    STABLE = 11  # three or more nodes: every sequence number up to ``value`` is applied here
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,10 @@ class PeerLink(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.address = "?"
         self.epoch = 0  # put in our heartbeats; the quorum layer sets it
+        # Three or more nodes: the membership's epoch for our heartbeats, and its grant (the
+        # epoch, or 0) for the peer's, asked per heartbeat (vsand/views.py).
+        self.beat_epoch: Callable[[], int] | None = None
+        self.grant: Callable[[str, int], int] | None = None
         self.rtt_last: float | None = None  # seconds
         self.rtt_avg: float | None = None
         self.last_rx = 0.0  # loop.time() of the last received bytes
@@ -257,7 +261,9 @@ class PeerLink(asyncio.BufferedProtocol):
         t = type(msg)
         if t is Heartbeat:
             assert isinstance(msg, Heartbeat)
-            self._queue(HeartbeatAck(msg.seq, msg.sent_ns, self.epoch))
+            grant = self.grant
+            epoch = self.epoch if grant is None else grant(self.peer_id or "", msg.epoch)
+            self._queue(HeartbeatAck(msg.seq, msg.sent_ns, epoch))
         elif t is HeartbeatAck:
             assert isinstance(msg, HeartbeatAck)
             rtt_ns = time.monotonic_ns() - msg.echo_ns
@@ -309,7 +315,8 @@ class PeerLink(asyncio.BufferedProtocol):
                        abort=True)
             return
         self.heartbeats_sent += 1
-        self._queue(Heartbeat(self.heartbeats_sent, time.monotonic_ns(), self.epoch))
+        epoch = self.epoch if self.beat_epoch is None else self.beat_epoch()
+        self._queue(Heartbeat(self.heartbeats_sent, time.monotonic_ns(), epoch))
         self._beat = self._loop.call_later(self.interval, self._heartbeat)
 
     # ---------------------------------------------------------------- output
@@ -450,6 +457,8 @@ class PeerEndpoint:
         # the address it was dialled at.
         self.local_addresses: Sequence[tuple[str, int]] = ()
         self.multipath: set[str] = set()  # peers linked over several networks
+        self.beat_epoch: Callable[[], int] | None = None  # given to every link (PeerLink)
+        self.grant: Callable[[str, int], int] | None = None
         self._all: set[PeerLink] = set()  # every link with a socket, handshaking ones too
         self._servers: list[asyncio.Server] = []
         self._dialers: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -470,6 +479,7 @@ class PeerEndpoint:
                         heartbeat_interval=self.heartbeat_interval,
                         heartbeat_timeout=self.heartbeat_timeout,
                         handshake_timeout=self.handshake_timeout)
+        link.beat_epoch, link.grant = self.beat_epoch, self.grant
         self._all.add(link)
         return link
 

@@ -120,13 +120,14 @@ _READS_ONLY = frozenset((BlockOp.FLUSH, BlockOp.STATE, BlockOp.VERIFY))
 
 class _Local:
     """A request that arrived at this node: what the engine carries as its data."""
-    __slots__ = ("req", "done", "result", "error")
+    __slots__ = ("req", "done", "result", "error", "retry")
 
     def __init__(self, req: BlockRequest, done: asyncio.Future[None]) -> None:
         self.req = req
         self.done = done
         self.result: Any = None
         self.error: OSError | None = None
+        self.retry = False  # its epoch ended before it completed: run it again in the next
 
 
 def _extent(req: BlockRequest, total_blocks: int) -> tuple[int, int]:
@@ -245,7 +246,8 @@ class MirroredLun:
         self._next_req = 1
         self._locals: dict[int, _Local] = {}
         self._apply_errors: dict[int, int] = {}  # seq -> errno of a failed apply here
-        self._replies: dict[int, asyncio.Future[int]] = {}  # CONTROL/RESYNC rid -> status
+        # CONTROL/RESYNC request id -> (the peer asked, its status)
+        self._replies: dict[int, tuple[str, asyncio.Future[int]]] = {}
         self._decided: dict[str, int] = {}  # peer -> link generation of its last decision
         self._epoch_link = 0  # link generation the current epoch started on
         # id() of a VERIFY request from a peer -> (its origin, request id), until applied.
@@ -362,25 +364,7 @@ class MirroredLun:
             engine = self.engine
             if engine is None:
                 return await self._apply_alone(req)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            local = _Local(req, done)
-            rid = self._req_base | self._next_req
-            self._next_req += 1
-            self._locals[rid] = local
-            verify = req.op is BlockOp.VERIFY
-            if verify:
-                self._verify_sums[rid] = {}
-            lba, blocks = _extent(req, self.lun.unit.params.blocks)
-            try:
-                self._run(engine, engine.local_write(rid, lba, blocks, local))
-                await done
-            finally:
-                sums = self._verify_sums.pop(rid, {}) if verify else {}
-            if local.error is not None:
-                raise local.error
-            if verify:
-                return {**sums, self.node: local.result}
-            return local.result
+            return await self._ordered(engine, req)
         except BaseException:
             self.errors += 1
             raise
@@ -392,6 +376,32 @@ class MirroredLun:
             self._inflight -= 1
             if not self._inflight and not self._applying:
                 self._idle.set()
+
+    async def _ordered(self, engine: OrderingEngine, req: BlockRequest) -> Any:
+        """Run ``req`` through the ordering engine: its result once every replica applied it."""
+        local = await self._order_once(engine, req)
+        if local.error is not None:
+            raise local.error
+        return local.result
+
+    async def _order_once(self, engine: OrderingEngine, req: BlockRequest) -> _Local:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        local = _Local(req, done)
+        rid = self._req_base | self._next_req
+        self._next_req += 1
+        self._locals[rid] = local
+        verify = req.op is BlockOp.VERIFY
+        if verify:
+            self._verify_sums[rid] = {}
+        lba, blocks = _extent(req, self.lun.unit.params.blocks)
+        try:
+            self._run(engine, engine.local_write(rid, lba, blocks, local))
+            await done
+        finally:
+            sums = self._verify_sums.pop(rid, {}) if verify else {}
+        if verify and local.error is None:
+            local.result = {**sums, self.node: local.result}
+        return local
 
     @property
     def _was_serving(self) -> bool:
@@ -452,7 +462,17 @@ class MirroredLun:
             self._al_end(off, length)
 
     # ------------------------------------------------------------------ engine plumbing
+    def _live(self, engine: OrderingEngine) -> bool:
+        """Whether what ``engine`` asks for may still happen (its epoch has not ended)."""
+        return True
+
+    def _applied(self, engine: OrderingEngine, action: Apply) -> list[Any]:
+        """This replica applied ``action``: what the engine does next."""
+        return engine.applied(action.seq)
+
     def _run(self, engine: OrderingEngine, actions: list[Any]) -> None:
+        if not self._live(engine):
+            return
         todo = deque(actions)
         sent = False
         while todo:
@@ -468,7 +488,7 @@ class MirroredLun:
                     asyncio.get_running_loop().call_soon(self._apply_later, engine, action)
                     continue
                 if self._apply_now(action):
-                    todo.extend(engine.applied(action.seq))
+                    todo.extend(self._applied(engine, action))
                     continue
                 self._applying += 1
                 self._idle.clear()
@@ -482,6 +502,11 @@ class MirroredLun:
                     local.done.set_result(None)
 
     def _apply_later(self, engine: OrderingEngine, action: Apply) -> None:
+        if not self._live(engine):
+            self._applying -= 1
+            if not self._inflight and not self._applying:
+                self._idle.set()
+            return
         try:
             done = self._apply_now(action)
         except Exception:  # the async path applies it again and reports what fails
@@ -491,7 +516,7 @@ class MirroredLun:
             self._spawn(self._apply_sequenced(engine, action))  # counted already
             return
         self._applying -= 1
-        self._run(engine, engine.applied(action.seq))
+        self._run(engine, self._applied(engine, action))
         if not self._inflight and not self._applying:
             self._idle.set()
 
@@ -522,6 +547,11 @@ class MirroredLun:
         return True
 
     async def _apply_sequenced(self, engine: OrderingEngine, action: Apply) -> None:
+        if not self._live(engine):  # its epoch ended before it started
+            self._applying -= 1
+            if not self._inflight and not self._applying:
+                self._idle.set()
+            return
         data = action.data
         local = data if type(data) is _Local else None
         req = local.req if local is not None else data
@@ -558,7 +588,7 @@ class MirroredLun:
                 self._write_failed_here(req, e)
         finally:
             self._applying -= 1
-        self._run(engine, engine.applied(action.seq))
+        self._run(engine, self._applied(engine, action))
         if not self._inflight and not self._applying:
             self._idle.set()
 
@@ -611,8 +641,7 @@ class MirroredLun:
         # The epoch lives on the link it started on: once that link is gone, what the peer
         # still sends for it over a new link (before it noticed) may follow a message lost
         # with the old one, and would leave the engine waiting for it forever.
-        if (engine is None or self.role is not Role.IN_SYNC or msg.epoch != self.epoch
-                or self._link_gen.get(peer, 0) != self._epoch_link):
+        if engine is None or not self._accepts(peer, msg):
             log.debug("%s: dropped %s of epoch %d from node %s (epoch %d, %s)", self.label,
                       msg.TYPE.name, msg.epoch, peer, self.epoch, self.role.value)
             return
@@ -663,6 +692,11 @@ class MirroredLun:
                                                 req))
         self._run(engine, actions)
 
+    def _accepts(self, peer: str, msg: wire.Message) -> bool:
+        """Whether an ordering message from ``peer`` belongs to the running epoch."""
+        return (self.role is Role.IN_SYNC and msg.epoch == self.epoch
+                and self._link_gen.get(peer, 0) == self._epoch_link)
+
     def _checked(self, req: BlockRequest, total: int) -> tuple[int, int]:
         bs = self.lun.block_size
         lba, blocks = _extent(req, total)
@@ -683,8 +717,10 @@ class MirroredLun:
         if isinstance(msg, (wire.Forward, wire.Ordered, *_SEQUENCED)):
             self._engine_message(peer, msg)
         elif isinstance(msg, wire.Ack):
-            fut = self._replies.pop(msg.request_id, None)
-            if fut is not None:
+            asked = self._replies.get(msg.request_id)
+            if asked is not None and asked[0] == peer:
+                del self._replies[msg.request_id]
+                fut = asked[1]
                 if not fut.done():
                     fut.set_result(msg.status)
             else:
@@ -758,21 +794,25 @@ class MirroredLun:
         return True
 
     def peer_lost(self, peer: str) -> None:
+        self._forget_link(peer)
+        if self.role is Role.SYNC_TARGET:
+            self._set_role(Role.CONNECTING, f"resync source node {peer} lost")
+        elif self.role in (Role.IN_SYNC, Role.SYNC_SOURCE):
+            self._spawn(self._become_degraded([peer], f"node {peer} lost"))
+
+    def _forget_link(self, peer: str) -> None:
+        """What was under way over the link to ``peer`` is void."""
         self._link_gen[peer] = self._link_gen.get(peer, 0) + 1
         self._linked.discard(peer)
         self._incoming.discard(peer)
         asked = self._asked.pop(peer, None)
         if asked is not None and not asked[1].done():
             asked[1].set_result(None)
-        for rid, fut in list(self._replies.items()):
-            if not fut.done():
+        for asked, fut in self._replies.values():
+            if asked == peer and not fut.done():
                 fut.set_result(errno.ENOTCONN)
         if self._repair_from == peer and self._repair_end is not None:
             self._repair_end.set()
-        if self.role is Role.SYNC_TARGET:
-            self._set_role(Role.CONNECTING, f"resync source node {peer} lost")
-        elif self.role in (Role.IN_SYNC, Role.SYNC_SOURCE):
-            self._spawn(self._become_degraded([peer], f"node {peer} lost"))
 
     def choose_survivor(self, peers: list[str]) -> None:
         """An operator's decision: this replica's data wins over diverged or unrelated data
@@ -1004,7 +1044,7 @@ class MirroredLun:
         if self._stale(peer, gen, "starting a resync"):
             return  # the bitmap keeps every region for the next link
         rid = self._new_rid()
-        reply = self._expect(rid)
+        reply = self._expect(rid, peer)
         self.send(peer, wire.Control(self.lun_id, wire.ControlKind.SYNC_BEGIN, rid, self.epoch,
                                      handle))
         self._set_role(Role.SYNC_SOURCE, f"resyncing {bm.dirty_bytes} bytes to node {peer}")
@@ -1031,8 +1071,7 @@ class MirroredLun:
         seen_ops, seen_ns = self.ops, self.ns
         running: set[asyncio.Task[None]] = set()
         started, copied = time.monotonic(), self.resync_bytes
-        while self.role is Role.SYNC_SOURCE and self.plan is plan \
-                and not self._stale(peer, gen, "the resync"):
+        while self._resyncing(peer, plan, gen):
             # Writes keep dirtying what was copied: once little is left, stop sweeping and
             # copy the rest with new requests held (_join), or a hot region never converges.
             closing = bm.dirty_bytes <= FINAL_PASS_BYTES
@@ -1061,6 +1100,10 @@ class MirroredLun:
                      self.label, peer, n, dt, n / max(dt, 1e-6) / (1 << 20))
             return
 
+    def _resyncing(self, peer: str, plan: ResyncPlan, gen: int) -> bool:
+        return (self.role is Role.SYNC_SOURCE and self.plan is plan
+                and not self._stale(peer, gen, "the resync"))
+
     async def _final_pass(self, peer: str, gen: int) -> bool:
         """Copy every region still dirty for ``peer``, nothing being written meanwhile."""
         bm = self.bitmaps[peer]
@@ -1071,7 +1114,7 @@ class MirroredLun:
             buf = await self.lun.apply_block(BlockRequest(BlockOp.READ, lba, blocks))
             try:
                 rid = self._new_rid()
-                reply = self._expect(rid)
+                reply = self._expect(rid, peer)
                 self.send(peer, wire.ResyncData(self.lun_id, rid, 0, lba, blocks, buf))
                 status = await self._answer_of(reply)
             finally:
@@ -1097,7 +1140,7 @@ class MirroredLun:
         else:
             try:
                 rid = self._new_rid()
-                reply = self._expect(rid)
+                reply = self._expect(rid, peer)
                 self.send(peer, wire.ResyncData(self.lun_id, rid, 0, job.lba, job.blocks, buf))
                 status = await reply
             finally:
@@ -1139,7 +1182,7 @@ class MirroredLun:
                 return self._stale(peer, gen, "joining")
             after = self.gens.sync_finished(self.index[peer])
             rid = self._new_rid()
-            reply = self._expect(rid)
+            reply = self._expect(rid, peer)
             epoch = self.epoch + 1
             self.plan = None
             # The engine exists before JOIN leaves: the peer may forward as soon as it joins.
@@ -1186,21 +1229,27 @@ class MirroredLun:
     async def _resync_data(self, peer: str, msg: wire.ResyncData) -> None:
         status = 0
         repair = self._repair_from == peer and self.role is Role.IN_SYNC
-        if self.role is not Role.SYNC_TARGET and not repair:
+        if not repair and not self._takes_copies_from(peer):
             status = errno.EPROTO
         else:
             self._repair_writes += repair
             try:
                 self._checked(BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks, msg.data),
                               self.lun.unit.params.blocks)
-                await self.lun.apply_block(BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks,
-                                                        msg.data, fua=True))
+                await self._store_copy(peer, BlockRequest(BlockOp.WRITE, msg.lba, msg.blocks,
+                                                          msg.data, fua=True))
             except (OSError, wire.PeerProtocolError) as e:
                 log.error("%s: resync data at block %d: %s", self.label, msg.lba, e)
                 status = getattr(e, "errno", None) or errno.EIO
             finally:
                 self._repair_writes -= repair
         self.send(peer, wire.Ack(self.lun_id, 0, 0, msg.request_id, status))
+
+    def _takes_copies_from(self, peer: str) -> bool:
+        return self.role is Role.SYNC_TARGET
+
+    async def _store_copy(self, peer: str, req: BlockRequest) -> None:
+        await self.lun.apply_block(req)
 
     @_serialized
     async def _join_as_target(self, peer: str, msg: wire.Control, gen: int) -> None:
@@ -1310,7 +1359,7 @@ class MirroredLun:
         try:
             for peer in peers:
                 rid = self._new_rid()
-                reply = self._expect(rid)
+                reply = self._expect(rid, peer)
                 if not self.send(peer, wire.Control(self.lun_id, wire.ControlKind.REPAIR, rid,
                                                     self.epoch, 1)):
                     return False
@@ -1326,7 +1375,7 @@ class MirroredLun:
                 try:
                     for peer in job.targets:
                         rid = self._new_rid()
-                        reply = self._expect(rid)
+                        reply = self._expect(rid, peer)
                         self.send(peer, wire.ResyncData(self.lun_id, rid, 0, job.lba,
                                                         job.blocks, buf))
                         status = await self._answer_of(reply)
@@ -1420,9 +1469,9 @@ class MirroredLun:
         except asyncio.TimeoutError:
             return errno.ETIMEDOUT
 
-    def _expect(self, rid: int) -> asyncio.Future[int]:
+    def _expect(self, rid: int, peer: str) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._replies[rid] = fut
+        self._replies[rid] = (peer, fut)
         return fut
 
     async def _pause(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -1530,6 +1579,9 @@ class MirroredLun:
                 if not room.done():
                     room.set_result(None)
 
+    def _before_evict(self, regions: frozenset[int]) -> None:
+        """``regions`` (activity-log regions) leave the log once the bitmaps are flushed."""
+
     async def _al_writer(self) -> None:
         al = self.al
         assert al is not None
@@ -1537,6 +1589,7 @@ class MirroredLun:
             while (tx := al.next_transaction()) is not None:
                 try:
                     if tx.evicted:
+                        self._before_evict(tx.evicted)
                         await self._flush_bitmaps()  # a region leaves the log only when safe
                     await self.run_blocking(al.persist, tx)
                 except OSError as e:

@@ -10,8 +10,9 @@ an answer renews the lease of the node that sent the heartbeat; a loop ticks the
 few times per heartbeat interval and tells the LUNs when serving starts or stops and when a
 new view is decided.
 
-Not yet used by the daemon: three-node clusters are refused at start until the replication
-follows these views (the data layer's part, listed in ``mirror/membership.py``).
+The LUNs (``vsand/viewlun.py``) hear of three things: a promise of a newer epoch (they stop
+the old one's writes at once, before the promise leaves), a decided view, and whether this node
+may serve.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ViewKeeper:
     def __init__(self, config: ClusterConfig, node: str, store: MetaStore,
                  send: Callable[[str, Message], bool], run_blocking: Callable[..., Any],
                  on_change: Callable[[bool], None],
-                 on_view: Callable[[mb.View], None] | None = None) -> None:
+                 on_view: Callable[[mb.View], None] | None = None,
+                 on_promise: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.node = node
         self.voters = [n.name for n in config.nodes]
@@ -46,6 +48,7 @@ class ViewKeeper:
         self.run_blocking = run_blocking
         self.on_change = on_change
         self.on_view = on_view
+        self.on_promise = on_promise
         raw = store.read(RECORD)
         try:
             record = (mb.VoteRecord.from_bytes(raw) if raw is not None
@@ -60,6 +63,7 @@ class ViewKeeper:
                                now=time.monotonic())
         self.serving_now = False
         self._view: mb.View | None = None
+        self._promised = record.promised
         self._outbox: deque[mb.Action] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,6 +90,10 @@ class ViewKeeper:
 
     def heartbeat_epoch(self) -> int:
         return self.m.heartbeat_epoch()
+
+    def request_round(self, reason: str) -> None:
+        self.m.request_round(reason)
+        self._wake.set()
 
     def answer_heartbeat(self, peer: str, epoch: int) -> int:
         """The epoch to put in the answer to ``peer``'s heartbeat: granted, or 0."""
@@ -141,6 +149,14 @@ class ViewKeeper:
             await asyncio.sleep(step)
 
     def _evaluate(self) -> None:
+        # A promise stops the old epoch's writes here before it is sent (the pump sends it
+        # after this returns): none of them may be acknowledged once a round began.
+        promised = self.m.record.promised
+        if promised > self._promised:
+            self._promised = promised
+            view = self.m.view
+            if self.on_promise is not None and (view is None or promised > view.epoch):
+                self.on_promise(promised)
         change = self.m.last_change
         if change != self._logged:
             self._logged = change
