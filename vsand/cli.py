@@ -124,12 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 2
-    if cfg.cluster is not None and len(cfg.cluster.nodes) > 2:
-        # Changing the in-sync set of three replicas safely needs the quorum layer's
-        # agreement; two nodes change it pairwise.
-        print(f"{cfg.source}: cluster.nodes: {len(cfg.cluster.nodes)} nodes; this version "
-              "runs two-node clusters only", file=sys.stderr)
-        return 2
     _setup_logging(cfg.log_level)
     print(_how_to_connect(cfg), file=sys.stderr, flush=True)
     from .daemon import run

@@ -6,6 +6,10 @@ on a link to the LUN the frame names, tells every LUN when a peer comes or goes,
 LUNs a way to send.  At start-up a LUN serves nothing until its peer answered and both agreed
 on their data (``MirroredLun``), or until ``startup_wait`` passed with no peer reachable: then
 it serves alone and tracks what the peer will need.
+
+With three or more nodes the votes are the data nodes' own: a ``ViewKeeper`` decides the views
+(heartbeats carry its epoch and their answers its grants) and the LUNs are ``ViewedLun``s that
+follow them; a witness is not used.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from .mirror.messages import (
 )
 from .peer import LinkState, PeerEndpoint, PeerLink
 from .quorum import QuorumKeeper
+from .mirror.membership import View
 from .replication import MirroredLun, Role
+from .viewlun import ViewedLun
+from .views import ViewKeeper
 
 log = logging.getLogger("vsand.cluster")
 
@@ -71,6 +78,7 @@ class Cluster:
         self.luns: dict[int, MirroredLun] = {}
         self.endpoint: PeerEndpoint | None = None
         self.quorum: QuorumKeeper | None = None
+        self.views: ViewKeeper | None = None
         self._startup: asyncio.TimerHandle | None = None
 
     async def start(self, luns: list[tuple[LunConfig, Lun]]) -> None:
@@ -80,18 +88,30 @@ class Cluster:
         quorum = self.quorum = QuorumKeeper(cc, self.node, store, self.send, self.run_blocking,
                                             self._quorum_changed)
         names = [n.name for n in cc.nodes]
+        views = None
+        if len(names) > 2:
+            views = self.views = ViewKeeper(cc, self.node, store, self.send, self.run_blocking,
+                                            self._views_serving, self._view_decided,
+                                            self._promised)
         for lc, lun in luns:
             if not lc.mirror:
                 continue
-            m = MirroredLun(lun, lc.mirror_id, self.node, names, store, self.send,
-                            cluster_id=cc.cluster_id, run_blocking=self.run_blocking,
-                            resync_rate=cc.resync_rate, join_timeout=2 * cc.peer_timeout)
-            m.may_go_alone = quorum.may_go_alone
-            m.on_in_sync = self._lun_in_sync
+            kind = MirroredLun if views is None else ViewedLun
+            m = kind(lun, lc.mirror_id, self.node, names, store, self.send,
+                     cluster_id=cc.cluster_id, run_blocking=self.run_blocking,
+                     resync_rate=cc.resync_rate, join_timeout=2 * cc.peer_timeout)
             m.drop_link = self._drop_link
-            m.on_storage_failure = quorum.step_aside
-            await m.attach()
-            m.set_quorum(quorum.serving_now, quorum.fenced)
+            if isinstance(m, ViewedLun):
+                m.on_followers = self._update_in_sync
+                m.request_round = views.request_round if views is not None else None
+                await m.attach()
+                m.set_quorum(False, True)
+            else:
+                m.may_go_alone = quorum.may_go_alone
+                m.on_in_sync = self._lun_in_sync
+                m.on_storage_failure = quorum.step_aside
+                await m.attach()
+                m.set_quorum(quorum.serving_now, quorum.fenced)
             self.luns[lc.mirror_id] = m
         identity = NodeIdentity(cc.cluster_id, self.node, tuple(
             LunInfo(m.lun_id, m.lun.unit.params.serial, m.lun.block_size,
@@ -102,6 +122,9 @@ class Cluster:
             identity, cc.secret, [p.name for p in dial], on_up=self._up,
             on_message=self._message, on_lost=self._lost,
             heartbeat_interval=cc.heartbeat_interval, heartbeat_timeout=cc.peer_timeout)
+        if views is not None:
+            endpoint.beat_epoch = views.heartbeat_epoch
+            endpoint.grant = views.answer_heartbeat
         endpoint.local_addresses = cc.node(self.node).addresses
         if len(endpoint.local_addresses) > 1:  # every node has as many (config rule)
             endpoint.multipath = {p.name for p in peers}
@@ -114,8 +137,12 @@ class Cluster:
         for p in dial:
             for path, (host, port) in enumerate(p.addresses):
                 endpoint.connect(p.name, host, port, path)
-        quorum.on_epoch = self._epoch_moved
-        quorum.start()
+        if views is not None:
+            self._update_in_sync()
+            views.start()
+        else:
+            quorum.on_epoch = self._epoch_moved
+            quorum.start()
         self._startup = asyncio.get_running_loop().call_later(cc.startup_wait,
                                                               self._startup_over)
 
@@ -142,11 +169,14 @@ class Cluster:
         peer = link.peer_id
         assert peer is not None
         assert self.quorum is not None
-        self.quorum.link_up(peer)
+        if self.views is not None:
+            self.views.link_up(peer)
+        else:
+            self.quorum.link_up(peer)
         if peer == "witness":
             return
         self._send_info(peer)
-        if not self.luns:
+        if not self.luns and self.views is None:
             self.quorum.peer_joined()  # nothing to be in sync for
         for lun_id in link.common_luns:
             m = self.luns.get(lun_id)
@@ -157,8 +187,9 @@ class Cluster:
         """This node's version, shared-config digest and epoch, at link up and whenever the
         epoch moves while linked (the peer adopts it once every LUN is in sync)."""
         assert self.quorum is not None
+        epoch = self.quorum.epoch if self.views is None else self.views.heartbeat_epoch()
         info = json.dumps({"version": __version__, "config_digest": self.digest,
-                           "epoch": self.quorum.epoch, "portals": self.portals}).encode()
+                           "epoch": epoch, "portals": self.portals}).encode()
         self.send(peer, Control(0, ControlKind.INFO, 0, body=info))
 
     def _epoch_moved(self, epoch: int) -> None:
@@ -169,7 +200,10 @@ class Cluster:
         peer = link.peer_id
         assert peer is not None and self.quorum is not None
         if type(msg) is HeartbeatAck:
-            if peer != "witness":
+            if self.views is not None:
+                self.views.heartbeat_answered(peer, msg.epoch,  # type: ignore[union-attr]
+                                              msg.echo_ns)  # type: ignore[union-attr]
+            elif peer != "witness":
                 self.quorum.heartbeat_answered(msg.echo_ns)  # type: ignore[union-attr]
             return
         if type(msg) is Heartbeat:
@@ -180,6 +214,11 @@ class Cluster:
             return
         if type(msg) is Control and msg.kind is ControlKind.INFO:
             self._peer_info(peer, msg.body)
+            return
+        if type(msg) is Control and msg.kind is ControlKind.VIEW:
+            if self.views is None:
+                raise PeerProtocolError("CONTROL VIEW in a cluster of two")
+            self.views.receive(peer, msg)
             return
         if type(msg) is Control and msg.kind is ControlKind.DRILL:
             seconds = msg.value / 1000  # type: ignore[union-attr]
@@ -207,7 +246,8 @@ class Cluster:
         self.peer_info[peer] = {"version": version, "config_digest": digest,
                                 "portals": [str(p) for p in portals]
                                 if isinstance(portals, list) else []}
-        if self.quorum is not None and isinstance(info.get("epoch"), int):
+        if self.quorum is not None and self.views is None and isinstance(info.get("epoch"),
+                                                                           int):
             self.quorum.peer_epoch(info["epoch"])
         if version != __version__:
             log.warning("node %s runs vsand %s, this node %s", peer, version, __version__)
@@ -220,7 +260,9 @@ class Cluster:
         peer = link.peer_id
         if peer is None:
             return
-        if self.quorum is not None:
+        if self.views is not None:
+            self.views.link_lost(peer)
+        elif self.quorum is not None:
             self.quorum.link_lost(peer, link.last_rx)
         if peer == "witness":
             return
@@ -236,6 +278,41 @@ class Cluster:
     def _quorum_changed(self, ok: bool, fenced: bool) -> None:
         for m in self.luns.values():
             m.set_quorum(ok, fenced)
+
+    # ------------------------------------------------------------------ three or more nodes
+    def _views_serving(self, ok: bool) -> None:
+        views = self.views
+        assert views is not None
+        view = views.m.view
+        fenced = not ok and (view is None or self.node not in view.members)
+        for m in self.luns.values():
+            m.set_quorum(ok, fenced)
+
+    def _view_decided(self, view: View) -> None:
+        for m in self.luns.values():
+            if isinstance(m, ViewedLun):
+                m.view_decided(view)
+        self._update_in_sync()
+
+    def _promised(self, epoch: int) -> None:
+        for m in self.luns.values():
+            if isinstance(m, ViewedLun):
+                m.promise(epoch)
+
+    def _update_in_sync(self) -> None:
+        """Tell the membership who is in sync with this node: the members of the view it
+        knows (decided, else the one it accepted last) and the nodes every LUN feeds as a
+        follower."""
+        views = self.views
+        if views is None:
+            return
+        view = views.m.view or views.m.record.accepted
+        followers: frozenset[str] | None = None
+        for m in self.luns.values():
+            if isinstance(m, ViewedLun):
+                mine = m.in_sync_peers()
+                followers = mine if followers is None else followers & mine
+        views.set_in_sync(set(view.members) | set(followers or ()))
 
     def _lun_in_sync(self, peer: str) -> None:
         if self.quorum is not None and all(m.role is Role.IN_SYNC for m in self.luns.values()):
@@ -295,7 +372,8 @@ class Cluster:
                 }
         return {"cluster": self.config.cluster_id, "node": self.node, "version": __version__,
                 "config_digest": self.digest, "portals": self.portals, "peers": links,
-                "quorum": self.quorum.status() if self.quorum is not None else None,
+                "quorum": self.views.status() if self.views is not None
+                else self.quorum.status() if self.quorum is not None else None,
                 "luns": {m.label: m.status() for m in self.luns.values()}}
 
     async def close(self) -> None:
@@ -308,5 +386,7 @@ class Cluster:
             await self.endpoint.close()
         if self.quorum is not None:
             await self.quorum.close()
+        if self.views is not None:
+            await self.views.close()
         for m in self.luns.values():
             await m.close()

@@ -184,7 +184,12 @@ class VsandCluster:
         lease renewed: until then its paths are unavailable)."""
         self.wait_roles({n: "in-sync" for n, node in self.nodes.items() if node.running()},
                         deadline_s)
-        if self.witness is None:
+        self.wait_serving(deadline_s)
+
+    def wait_serving(self, deadline_s: float = IN_SYNC_DEADLINE_S) -> None:
+        """With a witness or three nodes: until every running node serves (its votes held;
+        until then its paths are unavailable)."""
+        if self.witness is None and len(self.nodes) < 3:
             return
         end = time.monotonic() + deadline_s
         while not all(self.admin(n, "cluster")["quorum"]["serving"]
