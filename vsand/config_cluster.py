@@ -18,8 +18,10 @@ Layout (``id``, ``nodes`` and one of ``secret``/``secret_file`` are required)::
                                     # more than 2 heartbeat intervals
       resync_rate: 0                # bytes per second (sizes as for LUNs); 0 = unlimited
       startup_wait: 10              # seconds a starting node waits for its peers, 0..600
-      witness: 192.0.2.12:3270      # optional: `vsand witness` there is the third vote; a
-                                    # node serves only with two votes (mirror/quorum.py)
+      witness: 192.0.2.12:3270      # two nodes, optional: `vsand witness` there is the
+                                    # third vote; a node serves only with two votes
+                                    # (mirror/quorum.py).  Three nodes: no witness, the
+                                    # majority of the nodes decides (mirror/membership.py)
 
 Several networks between the nodes: ``address`` lists one address per network, the same
 number on every node (the i-th addresses of all nodes form link i), all of one node's on one
@@ -233,6 +235,11 @@ def read_cluster(top: Section, node_name: str | None, check_path: Callable[[str]
                     sec.error("witness", f"{text!r} is a wildcard address (allowed: an "
                                          "address the nodes can reach)")
                 witness = ClusterNode(WITNESS_NAME, host, port)
+                if len(nodes) > 2:
+                    sec.error("witness", f"{len(nodes)} nodes vote among themselves (a "
+                                         "majority of the data nodes); a witness is the "
+                                         "third vote of two nodes only (allowed: no witness "
+                                         "key with three or more nodes)")
     if any(n.name == WITNESS_NAME for n in nodes):
         sec.error("nodes", f"a node is called {WITNESS_NAME!r} (allowed: any other name; "
                            "it names the witness)")

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from vsand.config import Config, load_config, parse_config
+from vsand.config import Config, ConfigError, load_config, parse_config
 from vsand.lun import Lun
 from vsand.metrics import VsandCollector
 from vsand.protocol.scsi import spc
@@ -480,6 +480,33 @@ def test_two_node_examples_form_one_cluster(tmp_path: Path) -> None:
         assert {p.advertise_host for p in cfg.portals} == {cfg.cluster.node(cfg.node_name).host}
     assert dataclasses.replace(a, node_name="", portals=(), source="", cluster=None) == \
         dataclasses.replace(b, node_name="", portals=(), source="", cluster=None)
+
+
+def test_three_node_example_makes_a_cluster_of_three_without_a_witness(tmp_path: Path) -> None:
+    a = _load_example(DEPLOY / "examples" / "three-node-a.yaml", tmp_path)
+    assert a.cluster is not None and a.cluster.witness is None
+    assert [n.name for n in a.cluster.nodes] == ["node-a", "node-b", "node-c"]
+    # B's and C's files, as its comments say to write them, describe the same cluster.
+    for name, host, group in (("node-b", "192.0.2.11", 2), ("node-c", "192.0.2.12", 3)):
+        text = (DEPLOY / "examples" / "three-node-a.yaml").read_text()
+        text = text.replace("name: node-a                  #", f"name: {name}  #") \
+            .replace("advertise: 192.0.2.10:3260", f"advertise: {host}:3260") \
+            .replace("group: 1 ", f"group: {group} ")
+        other = tmp_path / f"{name}.yaml"
+        other.write_text(text)
+        cfg = _load_example(other, tmp_path)
+        assert cfg.node_name == name and cfg.cluster == a.cluster and cfg.targets == a.targets
+        assert {p.advertise_host for p in cfg.portals} == {cfg.cluster.node(name).host}
+
+
+def test_a_witness_with_three_nodes_is_refused(tmp_path: Path) -> None:
+    doc = yaml.safe_load((DEPLOY / "examples" / "three-node-a.yaml").read_text())
+    doc["cluster"]["witness"] = "192.0.2.20:3270"
+    doc["cluster"]["secret"] = "a-generated-cluster-secret-for-the-test"
+    del doc["cluster"]["secret_file"]
+    with pytest.raises(ConfigError) as e:
+        parse_config(yaml.safe_dump(doc), "three.yaml")
+    assert any("cluster.witness" in line and "two nodes only" in line for line in e.value.errors)
 
 
 def _exec_start(unit: Path) -> list[str]:
