@@ -40,16 +40,20 @@ reporter applies, or is reported out of sync before that write is acknowledged).
 Leases.  A member renews its hold on another node's vote by a heartbeat that node answers
 with a grant (``grant``: only for the epoch it accepted and has promised nothing newer than);
 the lease runs ``lease`` seconds from when that heartbeat was *sent* (``Lease``).  Waiting out
-old leases: a member of the old view may still serve while it holds a majority.  The
-promising majority renews nothing old any more, and the nodes outside it are fewer than a
-majority, so the old member needs one lease from the promisers.  Each promise says how long
-ago (``s``) its node last granted one; the coordinator lets the new view serve only
-``FENCE_FACTOR * lease - s`` after receiving it (the longest of them), and each member counts
-the rest of that wait again on its own clock after COMMIT.  The clock assumption: monotonic
-clocks run within 10 % of real time (1.1/0.9 < FENCE_FACTOR = 1.25; no time of day needed).
-A member that is lost by crashing granted nothing since, so its loss costs no wait; a link cut
-between two members that both still reach the third costs one lease.  A node that restarts
-does not know what it granted before it stopped: it counts as having granted at its start.
+old leases: a member of the old view may still serve while it holds a majority.  A promiser
+stops serving at its promise, so only a node outside the promisers can, and since those are
+fewer than a majority, it needs a lease granted by a promiser.  Each promise says, per node,
+how long ago (``s``) its sender last granted that node a lease; the coordinator lets the new
+view serve only ``FENCE_FACTOR * lease - s`` after receiving it, the longest over the
+promisers and the nodes outside them, and each member counts the rest of that wait again on
+its own clock after COMMIT.  The clock assumption: monotonic clocks run within 10 % of real
+time (1.1/0.9 < FENCE_FACTOR = 1.25; no time of day needed).  What it costs: a node that fell
+silent (hung, cut off, or a crash nobody saw) was last granted a lease when its last
+heartbeat arrived, a peer timeout before its link is dropped, and ``FENCE_FACTOR * lease`` is
+one peer timeout: no wait after the detection.  A link closed at once (a crash seen as a
+reset) and a cut between two members that both still reach the third cost up to one peer
+timeout.  A node that restarts does not know what it granted before it stopped: it counts as
+having granted every node a lease at its start.
 
 Liveness: the lowest linked member coordinates first; the others wait one peer timeout per
 reachable member with a lower name before trying, and a node that promised waits for the
@@ -171,17 +175,19 @@ class Kind(enum.IntEnum):
 class Message:
     """One membership message.  ``view`` is the proposal (ACCEPT), the decision (COMMIT), the
     view last accepted (PROMISE) or the nodes linked to the sender (LINKS); ``value`` as
-    ``Kind`` says (PROMISE: milliseconds since
-    the sender last granted a lease, ``NEVER`` if it has not)."""
+    ``Kind`` says.  A PROMISE's ``ages``: per voter (in the voters' order), milliseconds since
+    the sender last granted that voter a lease, ``NEVER`` if it has not."""
     kind: Kind
     epoch: int
     view: View | None = None
     value: int = 0
+    ages: tuple[int, ...] = ()
 
 
 NEVER = 0xFFFFFFFF
 _WIRE = struct.Struct(">BQQIQ")  # kind, epoch, view epoch, members (bit i: voters[i]), value
 _HAS_VIEW = {Kind.PROMISE, Kind.ACCEPT, Kind.COMMIT, Kind.LINKS}
+_AGE = struct.Struct(">I")
 
 
 def encode(msg: Message, voters: list[str]) -> bytes:
@@ -190,13 +196,18 @@ def encode(msg: Message, voters: list[str]) -> bytes:
         view_epoch = msg.view.epoch
         for name in msg.view.members:
             mask |= 1 << voters.index(name)
-    return _WIRE.pack(msg.kind, msg.epoch, view_epoch, mask, msg.value)
+    tail = b"".join(_AGE.pack(age) for age in msg.ages) if msg.kind is Kind.PROMISE else b""
+    return _WIRE.pack(msg.kind, msg.epoch, view_epoch, mask, msg.value) + tail
 
 
 def decode(raw: bytes, voters: list[str]) -> Message:
-    if len(raw) != _WIRE.size:
-        raise MembershipError(f"membership message of {len(raw)} bytes, not {_WIRE.size}")
-    kind_n, epoch, view_epoch, mask, value = _WIRE.unpack(raw)
+    if len(raw) < _WIRE.size:
+        raise MembershipError(f"membership message of {len(raw)} bytes, under {_WIRE.size}")
+    kind_n, epoch, view_epoch, mask, value = _WIRE.unpack_from(raw)
+    want = _WIRE.size + (_AGE.size * len(voters) if kind_n == Kind.PROMISE else 0)
+    if len(raw) != want:
+        raise MembershipError(f"membership message of kind {kind_n} in {len(raw)} bytes, "
+                              f"not {want}")
     try:
         kind = Kind(kind_n)
     except ValueError:
@@ -211,7 +222,8 @@ def decode(raw: bytes, voters: list[str]) -> Message:
             or (kind is Kind.LINKS and epoch != 0):
         raise MembershipError(f"{kind.name} for epoch {epoch} carries view epoch {view_epoch}")
     members = frozenset(v for i, v in enumerate(voters) if mask >> i & 1)
-    return Message(kind, epoch, View(view_epoch, members), value)
+    ages = tuple(a for (a,) in _AGE.iter_unpack(raw[_WIRE.size:]))
+    return Message(kind, epoch, View(view_epoch, members), value, ages)
 
 
 # ---------------------------------------------------------------------- actions
@@ -234,6 +246,7 @@ class _Round:
     epoch: int
     started: float
     promises: dict[str, Message] = field(default_factory=dict)
+    heard: dict[str, float] = field(default_factory=dict)  # local time of each promise
     accepted: set[str] = field(default_factory=set)
     proposal: View | None = None
     fence: float = -math.inf  # local time before which the new view must not serve
@@ -264,9 +277,10 @@ class Membership:
         self.view: View | None = None  # the newest decided view this node knows
         self.serve_at = math.inf
         self.leases = {v: Lease(self.lease_time) for v in self.voters if v != node}
-        # A node that just started may have granted a lease just before it stopped, and
-        # that is not on record: its promises count from now.
-        self.last_grant = now
+        # When this node last granted each voter a lease.  A node that just started may
+        # have granted leases just before it stopped, and that is not on record: its
+        # promises count from now.
+        self.granted_at = {v: now for v in self.voters}
         self.round: _Round | None = None
         self.highest_seen = record.promised
         self.not_before = -math.inf  # no round of ours before this (we promised, or failed)
@@ -309,7 +323,7 @@ class Membership:
         """Whether this node's vote backs ``member`` in ``epoch`` (a heartbeat's answer)."""
         rec = self.record
         if rec.promised == epoch == rec.accepted.epoch and member in rec.accepted.members:
-            self.last_grant = now
+            self.granted_at[member] = now
             return True
         return False
 
@@ -378,9 +392,8 @@ class Membership:
         return out
 
     def _promise(self, epoch: int, now: float) -> Message:
-        since = now - self.last_grant
-        ms = NEVER if since >= NEVER / 1000 else int(since * 1000)
-        return Message(Kind.PROMISE, epoch, self.record.accepted, ms)
+        ages = tuple(min(NEVER, int((now - self.granted_at[v]) * 1000)) for v in self.voters)
+        return Message(Kind.PROMISE, epoch, self.record.accepted, min(ages), ages)
 
     def _accept(self, coordinator: str, view: View, now: float) -> list[Action]:
         ok, rec = self.record.accept(coordinator, view)
@@ -519,11 +532,20 @@ class Membership:
     def _promised(self, rnd: _Round, voter: str, msg: Message, now: float) -> list[Action]:
         if rnd.proposal is not None or msg.view is None:
             return []
+        if len(msg.ages) != len(self.voters):
+            return []  # malformed: as if lost
         rnd.promises[voter] = msg
-        since = math.inf if msg.value == NEVER else msg.value / 1000
-        rnd.fence = max(rnd.fence, now + FENCE_FACTOR * self.lease_time - since)
+        rnd.heard[voter] = now
         if len(rnd.promises) < self.majority:
             return []
+        # Only a node outside the promisers may still serve an older view (a promiser stops
+        # at its promise), and only on a lease one of them granted it: wait those out.
+        for p, promise in rnd.promises.items():
+            for v, ms in zip(self.voters, promise.ages):
+                if v not in rnd.promises:
+                    since = math.inf if ms == NEVER else ms / 1000
+                    rnd.fence = max(rnd.fence,
+                                    rnd.heard[p] + FENCE_FACTOR * self.lease_time - since)
         newest = max((p.view for p in rnd.promises.values() if p.view is not None),
                      key=lambda v: v.epoch)
         self._learn(newest)
