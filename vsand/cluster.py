@@ -226,8 +226,11 @@ class Cluster:
                 raise PeerProtocolError(f"DRILL of {seconds:g} s")
             log.warning("failover drill from node %s: playing a hung node for %g s", peer,
                         seconds)
-            for each in self.endpoint.links_of(peer) if self.endpoint else [link]:
-                each.freeze(seconds)  # every network: a hung node is silent on all
+            # Every network, every data node: a hung node is silent to all of them.
+            hung = [each for p in self.config.peers(self.node)
+                    for each in (self.endpoint.links_of(p.name) if self.endpoint else [])]
+            for each in hung or [link]:
+                each.freeze(seconds)
             return
         m = self.luns.get(getattr(msg, "lun", -1))
         if m is None or m.lun_id not in link.common_luns:

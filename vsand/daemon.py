@@ -139,7 +139,9 @@ class Daemon:
             await self.cluster.start([(lc, self.registry.targets[t.iqn].luns[lc.number])
                                       for t in c.targets for lc in t.luns])
             registry = self.registry
-            if self.cluster.quorum is not None and self.cluster.quorum.enabled:
+            if self.cluster.views is not None:
+                registry.gate = self.cluster.views.check
+            elif self.cluster.quorum is not None and self.cluster.quorum.enabled:
                 registry.gate = self.cluster.quorum.check
             for m in self.cluster.luns.values():
                 m.on_preempt_abort = (lambda victims, lun=m.lun:

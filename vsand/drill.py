@@ -39,11 +39,18 @@ REJOIN_DEADLINE = 120.0
 LEAD_S = 0.5  # writes acknowledged before the failure: the stall is measured from them
 
 
+def _epoch(cluster: Cluster) -> int | None:
+    if cluster.views is not None:
+        return cluster.views.heartbeat_epoch()
+    return cluster.quorum.epoch if cluster.quorum is not None else None
+
+
 async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float,
                     own_writer: bool = True) -> dict[str, Any]:
     if m.role is not Role.IN_SYNC:
         raise ValueError(f"{m.label} is {m.role.value}: a drill needs both replicas in sync")
-    (peer,) = m.peers
+    # With three nodes: the highest other one, so that the source (the lowest) goes on.
+    peer = max(m.peers)
     if cluster.endpoint is None or peer not in cluster.endpoint.links:
         raise ValueError(f"no link to node {peer}")
     report: dict[str, Any] = {"lun": m.label, "peer": peer, "freeze_s": seconds}
@@ -52,7 +59,7 @@ async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float,
         await asyncio.sleep(LEAD_S)
         failed_at, rejoined_at = await _fail_peer(cluster, m, peer, seconds)
         report.update(failed_at=failed_at, rejoin_s=round(rejoined_at - failed_at, 2),
-                      quorum_epoch=cluster.quorum.epoch if cluster.quorum else None)
+                      quorum_epoch=_epoch(cluster))
         return report
     bs = m.lun.block_size
     blocks = REGION // bs
@@ -97,7 +104,7 @@ async def run_drill(cluster: Cluster, m: MirroredLun, seconds: float,
         stall_s=longest_stall(acks, failed_at),
         rejoin_s=round(rejoined_at - failed_at, 2),
         lost_writes=lost,
-        quorum_epoch=cluster.quorum.epoch if cluster.quorum is not None else None)
+        quorum_epoch=_epoch(cluster))
     report["verify_after"] = await _verify(m)
     await m.submit(BlockRequest(BlockOp.WRITE, lba0, blocks, saved))
     return report

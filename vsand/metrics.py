@@ -131,7 +131,8 @@ def _cluster_metrics(status: dict[str, Any], mirrors: Iterable[Any]) -> Iterator
     q = status.get("quorum")
     if q is not None:
         serving = GaugeMetricFamily("vsand_quorum_serving", "1 while this node holds quorum "
-                                    "(its peer's lease or the witness's vote) and may serve")
+                                    "(two nodes: its peer's lease or the witness's vote; "
+                                    "three: a majority's in the newest view) and may serve")
         serving.add_metric([], 1 if q["serving"] else 0)
         epoch = GaugeMetricFamily("vsand_quorum_epoch", "the cluster epoch this node knows")
         epoch.add_metric([], q["epoch"])

@@ -40,8 +40,10 @@ Stopping an epoch: when this node promises a newer view epoch (before the promis
 nothing is acknowledged in a view once a round began to replace it), when a view is decided,
 or when the link to a replica is lost.  Losing a member changes the view (the membership's
 business); losing a follower needs a round too, since a proposal may already name it: the
-source takes it out of what it reports in sync and asks for one.  A member that lost a
-follower tells the source (LOST).
+source takes it out of what it reports in sync, asks for one and starts no epoch before a
+view is decided (a view that names the follower finds it holding every acknowledged write).
+A member that lost a replica tells the source (LOST): the source's own link may be fine, and
+this one may come back before anything else changes.
 
 Resync of a node outside the view: the source sends SYNC, the node stops and answers REPORT
 (its bitmap for the source), and the source copies ``bm[source][node] | report`` while serving,
@@ -102,6 +104,10 @@ class ViewedLun(MirroredLun):
         self._resync_task: asyncio.Task[None] | None = None
         self._next_resync = 0.0
         self._reconciling = False
+        # A follower was lost: no epoch without it before a view is decided (one proposed
+        # already may name it, and it must then hold every acknowledged write).
+        self._await_view = False
+        self._last_try = 0.0  # when this node last tried to start an epoch
         # Writes applied in this epoch, not yet known applied by every replica.
         self._recent: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
         self._prefix = -1  # every sequence number up to this one is applied here
@@ -130,6 +136,8 @@ class ViewedLun(MirroredLun):
     # ------------------------------------------------------------------ the membership
     def view_decided(self, view: View) -> None:
         self.view = view
+        self._await_view = False
+        self._last_try = 0.0  # the new view's source starts its epoch at once
         self._stop(f"view of epoch {view.epoch} decided")
         if self.node not in view.members:
             self._set_role(Role.CONNECTING, f"not in the view of epoch {view.epoch}")
@@ -277,7 +285,6 @@ class ViewedLun(MirroredLun):
     async def _tend(self) -> None:
         """Start an epoch whenever this node is the source and none runs; tell the replicas
         how far this node applied."""
-        last_try = 0.0
         while True:
             await asyncio.sleep(STABLE_INTERVAL)
             try:
@@ -285,8 +292,8 @@ class ViewedLun(MirroredLun):
                     self._tell_stable()
                 now = time.monotonic()
                 if (self._is_source() and not self.ready and not self._reconciling
-                        and now - last_try >= RETRY_S):
-                    last_try = now
+                        and not self._await_view and now - self._last_try >= RETRY_S):
+                    self._last_try = now
                     assert self.view is not None
                     self._spawn(self._reconcile(self.view, self.followers))
                 elif (self._is_source() and self.ready and now >= self._next_resync
@@ -327,6 +334,8 @@ class ViewedLun(MirroredLun):
     async def _reconcile_once(self, view: View, followers: frozenset[str]) -> bool:
         if not self._current(view):
             return True
+        if self._await_view:
+            return False
         followers = frozenset(f for f in followers if f in self._linked)
         replicas = view.members | followers
         others = sorted(replicas - {self.node})
@@ -515,6 +524,7 @@ class ViewedLun(MirroredLun):
         if peer not in self.followers:
             return
         self.followers -= {peer}
+        self._await_view = True
         if self.on_followers is not None:
             self.on_followers()
         if self.request_round is not None and self.source == self.node:

@@ -120,6 +120,13 @@ class ViewKeeper:
     def serving(self) -> bool:
         return self.m.serving(time.monotonic())
 
+    def check(self) -> None:
+        """Called before commands are executed: leases that ran out while this node could not
+        notice (a stopped process, a starved event loop) fence the LUNs now, before the
+        commands that waited in the sockets meanwhile are answered."""
+        if self.serving_now and not self.serving():
+            self._evaluate()
+
     # ------------------------------------------------------------------ the actor
     def _queue(self, actions: list[mb.Action]) -> None:
         if actions:
@@ -178,6 +185,11 @@ class ViewKeeper:
 
     def status(self) -> dict[str, Any]:
         view = self.m.view
-        return {"serving": self.serving_now, "epoch": view.epoch if view else None,
+        return {"enabled": False, "serving": self.serving_now,  # enabled: by a witness
+                "epoch": view.epoch if view else 0,
+                "serve_in_s": round(max(0.0, self.m.serve_at - time.monotonic()), 2)
+                if view is not None and self.m.serve_at != float("inf") else None,
+                "leases": sorted(v for v, lease in self.m.leases.items()
+                                 if lease.valid(time.monotonic())),
                 "members": sorted(view.members) if view else [],
                 "promised": self.m.record.promised, "last_change": self.m.last_change}
