@@ -401,18 +401,19 @@ class ViewedLun(MirroredLun):
             self.send(peer, wire.Control(self.lun_id, wire.ControlKind.RECONCILE, xid,
                                          view_epoch, step))
         try:
-            done = await asyncio.wait_for(asyncio.gather(*waits.values()), self.join_timeout)
-        except asyncio.TimeoutError:
-            log.warning("%s: %s did not report in time", self.label, ", ".join(
-                p for p, f in waits.items() if not f.done()))
-            return None
+            await asyncio.wait(list(waits.values()), timeout=self.join_timeout)
         finally:
             for peer in peers:
                 if self._reports.get(peer, (None,))[0] == xid:
                     del self._reports[peer]
-        if any(r is None for r in done):
+        late = [p for p, f in waits.items() if not f.done()]
+        if late:
+            log.warning("%s: node %s did not report in time", self.label, ", ".join(late))
             return None
-        return {p: r for p, r in zip(waits, done) if r is not None}
+        got = {p: f.result() for p, f in waits.items()}
+        if any(r is None for r in got.values()):
+            return None  # a link went away meanwhile
+        return {p: r for p, r in got.items() if r is not None}
 
     async def _copy_regions(self, copies: dict[str, DirtyBitmap], view: View) -> bool:
         """Copy this node's version of each marked region to the peers that need it."""
