@@ -52,6 +52,16 @@ as with two nodes.  When little is left it starts a data epoch with the node as 
 
 The membership's rules make the source hold every acknowledged write: it is a member of a
 decided view, and a member or follower receives every write before it is acknowledged.
+
+A new cluster: every node starts as a member of epoch 0's view, but only nodes whose backing
+stores were never written hold the same data.  A node that has taken part in an epoch says so
+in its REPORTs (HISTORY), one that has not says whether its store is blank (BLANK).  The first
+epoch copies the source's whole LUN over every member without history that holds data, or is
+blank while the source is not; if a member without history holds data the source (or another
+member without history) lacks, nothing says whose data is right: no epoch starts, and the log
+names the nodes, until an operator empties the stores that must not win.  A cluster that began
+on blank stores remembers it (BLANK_ORIGIN): every write since is in some bitmap, so a blank
+node joining later gets those regions only; any other node without history gets the whole LUN.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -79,6 +90,11 @@ log = logging.getLogger("vsand.mirror")
 STABLE_INTERVAL = 0.05  # how often replicas tell each other how far they applied
 RETRY_S = 0.5  # between attempts to start an epoch, while the view stands
 ASK, REPORT, READY, LOST, SYNC = 1, 2, 3, 4, 5  # CONTROL RECONCILE steps (``value``)
+# A REPORT's flags (``value >> 8``): the node took part in an epoch before (its data is the
+# cluster's), or it never did and its backing store was never written (zeroes); the cluster
+# began on blank stores (then its bitmaps hold every write since: a blank node needs only
+# those).  READY carries the last one too.
+HISTORY, BLANK, BLANK_ORIGIN = 0x1, 0x2, 0x4
 _VIEW_EPOCH = struct.Struct("!Q")
 _NOT_TWICE = frozenset((BlockOp.COMPARE_AND_WRITE, BlockOp.STATE))
 
@@ -99,7 +115,8 @@ class ViewedLun(MirroredLun):
         self.followers: frozenset[str] = frozenset()
         self.source = ""
         self._copies_from = ""  # the node whose RESYNC_DATA this node stores now
-        self._reports: dict[str, tuple[int, asyncio.Future[tuple[int, bytes] | None]]] = {}
+        # Per peer asked: (exchange id, its REPORT: data epoch, flags, bitmap; None if lost).
+        self._reports: dict[str, tuple[int, asyncio.Future[tuple[int, int, bytes] | None]]] = {}
         self._deferred: dict[str, wire.Control] = {}  # ASK/SYNC of a view not yet known here
         self._resync_task: asyncio.Task[None] | None = None
         self._next_resync = 0.0
@@ -108,6 +125,8 @@ class ViewedLun(MirroredLun):
         # already may name it, and it must then hold every acknowledged write).
         self._await_view = False
         self._last_try = 0.0  # when this node last tried to start an epoch
+        self._refused = False  # the first epoch's data conflict was logged
+        self.blank_origin = False  # the cluster began on blank stores (BLANK_ORIGIN)
         # Writes applied in this epoch, not yet known applied by every replica.
         self._recent: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
         self._prefix = -1  # every sequence number up to this one is applied here
@@ -121,6 +140,7 @@ class ViewedLun(MirroredLun):
 
     async def attach(self) -> None:
         await super().attach()
+        self.blank_origin = self.store.read(self.name + ".origin") == b"blank\n"
         self._loop_task = asyncio.ensure_future(self._tend())
 
     async def close(self) -> None:
@@ -345,34 +365,81 @@ class ViewedLun(MirroredLun):
         reports = await self._gather_reports(others, ASK, view.epoch)
         if reports is None or not self._current(view):
             return False
-        epoch = max([self.epoch] + [e for e, _ in reports.values()]) + 1
+        epoch = max([self.epoch] + [e for e, _, _ in reports.values()]) + 1
+        whole = self._new_members(view, {p: flags for p, (_, flags, _) in reports.items()})
+        if whole is None:
+            return False
         size = self.lun.backend.size
         level = DirtyBitmap(size)
         for peer in view.members - {self.node}:
             level.merge(self.bitmaps[peer])
-            level.merge(self._decode(peer, reports[peer][1]))
+            level.merge(self._decode(peer, reports[peer][2]))
         copies = {p: level for p in view.members - {self.node}}
         for f in followers:
             extra = DirtyBitmap(size)
             extra.merge(level)
             extra.merge(self.bitmaps[f])
-            extra.merge(self._decode(f, reports[f][1]))
+            extra.merge(self._decode(f, reports[f][2]))
             copies[f] = extra
+        for p in whole:
+            copies[p] = DirtyBitmap(size)
+            copies[p].mark_all()
         if not await self._copy_regions(copies, view):
             return False
         for peer in others:
             self.bitmaps[peer].clear_all()
         await self._flush_bitmaps()
+        blank_origin = self.blank_origin if self.gens.current else bool(self.fresh)
+        await self._keep_history(blank_origin)
         if not self._current(view) or not all(p in self._linked for p in others):
             return False
         self._start(view, epoch, replicas)
         body = _replicas_body(view.epoch, replicas)
+        ready = READY | (BLANK_ORIGIN << 8 if blank_origin else 0)
         for peer in others:
             self.send(peer, wire.Control(self.lun_id, wire.ControlKind.RECONCILE, 0, epoch,
-                                         READY, body))
+                                         ready, body))
         if followers and self.on_followers is not None:
             self.on_followers()
         return True
+
+    def _origin_flags(self) -> int:
+        if self.gens.current:
+            return HISTORY | (BLANK_ORIGIN if self.blank_origin else 0)
+        return BLANK if self.fresh else 0
+
+    async def _keep_history(self, blank_origin: bool) -> None:
+        """From its first epoch on, this node's data is the cluster's (``HISTORY``)."""
+        if not self.gens.current:
+            await self.run_blocking(self.store.write, self.name + ".origin",
+                                    b"blank\n" if blank_origin else b"data\n")
+            self.blank_origin = blank_origin
+            self.gens = self.gens.new_current(os.urandom)
+            await self._persist_gens()
+
+    def _new_members(self, view: View, flags: dict[str, int]) -> list[str] | None:
+        """The peers that get the whole LUN copied (their data is not the cluster's), or None
+        if nobody can tell whose data is right (see the module docstring)."""
+        mine = self._origin_flags()
+        strangers = sorted(p for p, f in flags.items() if not f & HISTORY)
+        if not strangers:
+            return []
+        holding = [p for p in strangers if not flags[p] & BLANK]
+        if mine & HISTORY:
+            if holding:
+                log.warning("%s: node %s holds data that never was the cluster's; it is "
+                            "overwritten with this node's", self.label, ", ".join(holding))
+            return strangers if not mine & BLANK_ORIGIN else holding
+        if holding:
+            if not self._refused:
+                self._refused = True
+                log.error("%s: a new cluster, and node %s holds data%s: nothing says whose is "
+                          "right, so the LUN stays offline; empty the backing store of every "
+                          "node whose data must not win (a new sparse file, or blkdiscard), or "
+                          "move the data to node %s first", self.label, ", ".join(holding),
+                          "" if mine & BLANK else " as does this node", self.node)
+            return None
+        return [] if mine & BLANK else strangers
 
     def _decode(self, peer: str, raw: bytes) -> DirtyBitmap:
         try:
@@ -389,13 +456,13 @@ class ViewedLun(MirroredLun):
             return bm
 
     async def _gather_reports(self, peers: list[str], step: int,
-                   view_epoch: int) -> dict[str, tuple[int, bytes]] | None:
+                              view_epoch: int) -> dict[str, tuple[int, int, bytes]] | None:
         """Send ``step`` (ASK or SYNC) to ``peers``; their REPORTs, or None."""
         loop = asyncio.get_running_loop()
         xid = self._new_rid()
         waits = {}
         for peer in peers:
-            fut: asyncio.Future[tuple[int, bytes] | None] = loop.create_future()
+            fut: asyncio.Future[tuple[int, int, bytes] | None] = loop.create_future()
             self._reports[peer] = (xid, fut)
             waits[peer] = fut
             self.send(peer, wire.Control(self.lun_id, wire.ControlKind.RECONCILE, xid,
@@ -462,7 +529,13 @@ class ViewedLun(MirroredLun):
             reports = await self._gather_reports([peer], SYNC, view.epoch)
             if reports is None or not self.ready or self._stale(peer, gen, "a resync"):
                 return
-            self.bitmaps[peer].merge(self._decode(peer, reports[peer][1]))
+            _, flags, raw = reports[peer]
+            if flags & HISTORY:
+                self.bitmaps[peer].merge(self._decode(peer, raw))
+            elif not (flags & BLANK and self.blank_origin):
+                # Its data never was the cluster's, and the cluster's is not zeroes plus
+                # what the bitmaps hold: all of it.
+                self.bitmaps[peer].mark_all()
             await self._flush_bitmaps()
         begun: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         begun.set_result(0)
@@ -550,11 +623,11 @@ class ViewedLun(MirroredLun):
             super()._control(peer, msg)
 
     def _reconcile_step(self, peer: str, msg: wire.Control) -> None:
-        step = msg.value
+        step = msg.value & 0xFF
         if step == REPORT:
             waiting = self._reports.get(peer)
             if waiting is not None and waiting[0] == msg.request_id and not waiting[1].done():
-                waiting[1].set_result((msg.epoch, msg.body))
+                waiting[1].set_result((msg.epoch, msg.value >> 8, msg.body))
         elif step in (ASK, SYNC):
             view = self.view
             if view is None or msg.epoch > view.epoch:
@@ -583,7 +656,8 @@ class ViewedLun(MirroredLun):
         if msg.value == SYNC:
             self._set_role(Role.SYNC_TARGET, f"node {peer} resyncs this node")
         self.send(peer, wire.Control(self.lun_id, wire.ControlKind.RECONCILE, msg.request_id,
-                                     self.epoch, REPORT, self.bitmaps[peer].to_bytes()))
+                                     self.epoch, REPORT | self._origin_flags() << 8,
+                                     self.bitmaps[peer].to_bytes()))
 
     def _ready_from(self, peer: str, msg: wire.Control) -> None:
         body = msg.body
@@ -608,6 +682,7 @@ class ViewedLun(MirroredLun):
         for p in replicas - {self.node}:
             self.bitmaps[p].clear_all()
         self._spawn(self._flush_bitmaps())
+        self._spawn(self._keep_history(bool(msg.value >> 8 & BLANK_ORIGIN)))
         self._start(view, msg.epoch, replicas)
 
     def _takes_copies_from(self, peer: str) -> bool:

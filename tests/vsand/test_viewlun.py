@@ -220,3 +220,77 @@ async def test_stable_writes_are_forgotten_unstable_ones_marked_at_the_stop(thre
     a._recent.append((99, 5 * MiB, 4096))
     three.cut("a", "c")
     assert a.bitmaps["b"].dirty_bytes and a.bitmaps["c"].dirty_bytes
+
+
+async def _new_cluster(tmp: Path, holding: str) -> Net:
+    """Three nodes that never took part in an epoch; ``holding``'s store already has data."""
+    d = tmp / holding
+    d.mkdir(parents=True)
+    FileBackend.create_sparse(str(d / "lun.img"), SIZE)
+    with open(d / "lun.img", "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"\x5a" * MiB)
+    net = Net()
+    for n in NODES:
+        await _node(tmp, n, net)
+    for x, y in (("a", "b"), ("a", "c"), ("b", "c")):
+        net.connect(x, y)
+    net.decide(View(1, ALL))
+    return net
+
+
+async def _close_all(net: Net) -> None:
+    for m in net.nodes.values():
+        await m.close()
+        m.lun.backend.close()
+
+
+async def test_a_new_cluster_copies_the_only_data_there_is(tmp_path: Path) -> None:
+    net = await _new_cluster(tmp_path, "a")
+    try:
+        a, b, c = (net.nodes[n] for n in NODES)
+        await _until(lambda: _serving(a, b, c))
+        assert _digest(a) == _digest(b) == _digest(c)
+        assert a.resync_bytes == 2 * SIZE  # the whole LUN, to each of the two others
+        assert all(m.gens.current for m in (a, b, c))  # their data is the cluster's now
+    finally:
+        await _close_all(net)
+
+
+async def test_a_new_cluster_with_data_elsewhere_than_at_its_source_stays_offline(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    net = await _new_cluster(tmp_path, "b")
+    try:
+        a, b, c = (net.nodes[n] for n in NODES)
+        await asyncio.sleep(1.5)
+        assert not any(m.ready for m in (a, b, c)) and a.resync_bytes == 0
+        assert "node b holds data" in caplog.text
+        with open(b.lun.backend.path, "rb") as f:
+            f.seek(3 * MiB)
+            assert f.read(MiB) == b"\x5a" * MiB  # nothing overwrote it
+    finally:
+        await _close_all(net)
+
+
+async def test_a_blank_node_joining_a_cluster_that_began_blank_gets_the_writes_only(
+        tmp_path: Path) -> None:
+    net = Net()
+    for n in NODES:
+        await _node(tmp_path, n, net)
+    try:
+        a, b, c = (net.nodes[n] for n in NODES)
+        net.connect("a", "b")
+        net.decide(View(1, frozenset("ab")), frozenset("ab"))
+        await _until(lambda: _serving(a, b))
+        await a.submit(_write(4096, 2048, 0x61))  # 1 MiB while c was never there
+        net.connect("a", "c")
+        net.connect("b", "c")
+        c.view_decided(View(1, frozenset("ab")))
+        await _until(lambda: "c" in a.followers)
+        assert 1 * MiB <= a.resync_bytes <= 2 * MiB, a.resync_bytes
+        net.decide(View(2, ALL))
+        await _until(lambda: _serving(a, b, c))
+        assert _digest(a) == _digest(b) == _digest(c)
+        assert b.blank_origin and c.blank_origin
+    finally:
+        await _close_all(net)
