@@ -148,7 +148,7 @@ class Cluster:
 
     def _startup_over(self) -> None:
         endpoint = self.endpoint
-        if endpoint is None:
+        if endpoint is None or self.views is not None:  # three nodes: only a view serves
             return
         for m in self.luns.values():
             if not any(p in endpoint.links for p in m.peers):
