@@ -73,6 +73,7 @@ import os
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .backends.base import release_buffer
@@ -135,8 +136,8 @@ class ViewedLun(MirroredLun):
         self._told = -1
         self._loop_task: asyncio.Task[None] | None = None
         # Set by the cluster: the peers this LUN counts in sync changed; ask for a round.
-        self.on_followers: Any = None
-        self.request_round: Any = None
+        self.on_followers: Callable[[], None] | None = None
+        self.request_round: Callable[[str], None] | None = None
 
     async def attach(self) -> None:
         await super().attach()
