@@ -459,6 +459,8 @@ class ViewedLun(MirroredLun):
     async def _gather_reports(self, peers: list[str], step: int,
                               view_epoch: int) -> dict[str, tuple[int, int, bytes]] | None:
         """Send ``step`` (ASK or SYNC) to ``peers``; their REPORTs, or None."""
+        if not peers:
+            return {}  # a view of one
         loop = asyncio.get_running_loop()
         xid = self._new_rid()
         waits = {}

@@ -294,3 +294,12 @@ async def test_a_blank_node_joining_a_cluster_that_began_blank_gets_the_writes_o
         assert b.blank_origin and c.blank_origin
     finally:
         await _close_all(net)
+
+
+async def test_a_view_of_one_serves_and_resyncs_the_others(three: Net) -> None:
+    a, b, c = (three.nodes[n] for n in NODES)
+    three.decide(View(2, frozenset("a")))  # b and c still vote, and grant a their leases
+    await _until(lambda: _serving(a))
+    assert a.replicas == frozenset("a") and a.role is Role.DEGRADED
+    await a.submit(_write(0, 64, 0x71))
+    await _until(lambda: a.followers == frozenset("bc") or "b" in a.followers)
