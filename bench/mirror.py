@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A two-node vsand mirror against a single vsand node, on this machine, in one run.
+"""A two-node (or, with ``--nodes 3``, three-node) vsand mirror against a single vsand node, on
+this machine, in one run.
 
 Both serve one 256 MiB LUN with 512-byte blocks, filled with random data; the mirror's client
 talks to node a, which replicates every write to node b over TCP on 127.0.0.1 (both nodes
@@ -7,12 +8,15 @@ share this machine's CPUs and page cache with the client, so the mirror pays for
 daemons).  Figures, alternating which setup goes first, medians over the rounds, with
 ``qemu-img bench`` as in bench/run.py; CPU is that of every daemon of the setup.
 
-Resync throughput: node a starts alone on the random file; node b joins with an empty file
-and gets a full sync (256 MiB).  Then b stops, 4 KiB writes scatter over the LUN through a,
-and b returns: a bitmap resync of the regions those writes dirtied.
+Resync throughput: node a starts alone on the random file (with three nodes: a and b, a
+majority; b gets a's data at the cluster's first epoch); the last node joins with an empty file and gets a full sync (256 MiB).
+Then it stops, 4 KiB writes scatter over the LUN through a, and it returns: a bitmap resync
+of the regions those writes dirtied.  Three nodes on this 2-core machine share its CPUs four
+ways (three daemons and the client): their figure says what the third replica costs here.
 
     python bench/mirror.py            # 3 rounds x 5 s per figure and setup
     python bench/mirror.py --quick    # 1 round x 1.5 s
+    python bench/mirror.py --nodes 3
 
 Writes bench/results/mirror-<YYYY-MM-DD-HHMM>.md.
 """
@@ -61,9 +65,11 @@ def measure(url: str, pids: list[int], fig: Figure, seconds: float) -> dict[str,
             "cpu_us_per_io": cpu * 1e6 / count}
 
 
-def resync_seconds(cluster: VsandCluster, deadline: float = 600) -> tuple[float, int]:
+def resync_seconds(cluster: VsandCluster, joiner: str,
+                   deadline: float = 600) -> tuple[float, int]:
     t0 = time.monotonic()
-    cluster.nodes["b"].restart() if cluster.nodes["b"].proc else cluster.nodes["b"].start()
+    node = cluster.nodes[joiner]
+    node.restart() if node.proc else node.start()
     cluster.wait_in_sync(deadline)
     dt_s = time.monotonic() - t0
     (state,) = cluster.lun_states("a")
@@ -75,8 +81,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--seconds", type=float)
+    ap.add_argument("--nodes", type=int, choices=(2, 3), default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
+    names = ("a", "b", "c")[:args.nodes]
+    joiner = names[-1]
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (1.5 if args.quick else 5.0)
     luns = (LunSpec(0, LUN_SIZE, 512),)
@@ -84,15 +93,18 @@ def main() -> int:
     resync: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vsand-bench-mirror-") as tmp:
         single = VsandTarget(Path(tmp) / "single", luns=luns, log_level="warning")
-        cluster = VsandCluster(Path(tmp) / "mirror", luns=luns, startup_wait=0.5,
+        cluster = VsandCluster(Path(tmp) / "mirror", names=names, luns=luns, startup_wait=0.5,
                                extra_config={"log_level": "warning"})
+        first = names[:-1]
         for path in (single.backing_path(0), cluster.backing_path("a")):
             fill_random(path, LUN_SIZE)
         try:
             single.start()
             a = cluster.nodes["a"].start()
-            cluster.wait_roles({"a": "degraded"}, 30)
-            full_s, full_bytes = resync_seconds(cluster)
+            for n in first[1:]:
+                cluster.nodes[n].start()
+            cluster.wait_roles({n: "degraded" for n in first}, 30)
+            full_s, full_bytes = resync_seconds(cluster, joiner)
             resync["full_mib_s"] = full_bytes / MiB / full_s
             resync["full_bytes"] = full_bytes
             print(f"full resync: {full_bytes / MiB:.0f} MiB in {full_s:.2f} s", flush=True)
@@ -104,23 +116,24 @@ def main() -> int:
                     for name in order:
                         url, pids = setups[name]
                         for p in ([single.backing_path(0)] if name == "single" else
-                                  [cluster.backing_path(n) for n in ("a", "b")]):
+                                  [cluster.backing_path(n) for n in names]):
                             warm(p)
                         m = measure(url, pids(), fig, seconds)
                         results[name].setdefault(fig.key, []).append(m)
                         value = m["iops"] if fig.unit == "IOPS" else m["mib_s"]
                         print(f"  {fig.key:18} round {rnd}  {name:6} {value:10.1f} {fig.unit:5}"
                               f"  {m['cpu_us_per_io']:7.1f} us CPU/IO", flush=True)
-            # Bitmap resync: b away while 4 KiB writes land on 32 scattered blocks (so in at
-            # most 32 of the 256 1 MiB regions).
-            cluster.nodes["b"].stop()
-            cluster.wait_roles({"a": "degraded"}, 30)
+            # Bitmap resync: the joiner away while 4 KiB writes land on 32 scattered blocks (so
+            # in at most 32 of the 256 1 MiB regions).
+            cluster.nodes[joiner].stop()
+            cluster.wait_roles({n: "degraded" for n in first}, 30)
+            cluster.wait_serving(30)
             offsets = [(i * 40503 % 65536) * 4096 for i in range(32)]
             check_qemu_io(a.url(0), [f"write -P 7 {off} 4k" for off in offsets])
             (state,) = cluster.lun_states("a")
-            dirty = int(state["dirty_bytes"]["b"])
+            dirty = int(state["dirty_bytes"][joiner])
             before = int(state["resync_bytes"])
-            bm_s, after = resync_seconds(cluster)
+            bm_s, after = resync_seconds(cluster, joiner)
             resync.update(bitmap_seconds=bm_s, bitmap_dirty_bytes=dirty,
                           bitmap_resynced_bytes=after - before, bitmap_written_bytes=32 * 4096)
             print(f"bitmap resync: {dirty / MiB:.0f} MiB dirty, {(after - before) / MiB:.0f} MiB"
@@ -152,12 +165,13 @@ def main() -> int:
     print("\n" + table)
     now = dt.datetime.now()
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"mirror-{now:%Y-%m-%d-%H%M}.md"
+    out = args.out / f"mirror{'' if args.nodes == 2 else '3'}-{now:%Y-%m-%d-%H%M}.md"
     out.write_text("\n".join([
-        f"# Two-node mirror vs single node, {now.isoformat(timespec='seconds')}", "",
+        f"# {('Two', 'Three')[args.nodes - 2]}-node mirror vs single node, "
+        f"{now.isoformat(timespec='seconds')}", "",
         f"Command: `{shlex.join([sys.executable, *sys.argv])}`  ",
         f"{rounds} round(s) x {seconds:g} s per figure and setup, medians; setups alternate; "
-        "both nodes and the client on one machine, replication over 127.0.0.1.", "",
+        "every node and the client on one machine, replication over 127.0.0.1.", "",
         table, "", "```json", json.dumps({"figures": summary, "resync": resync}, indent=2),
         "```", ""]))
     print(f"\nwrote {out}")
