@@ -303,3 +303,18 @@ async def test_a_view_of_one_serves_and_resyncs_the_others(three: Net) -> None:
     assert a.replicas == frozenset("a") and a.role is Role.DEGRADED
     await a.submit(_write(0, 64, 0x71))
     await _until(lambda: a.followers == frozenset("bc") or "b" in a.followers)
+
+
+async def test_verify_finds_and_repairs_a_damaged_replica_among_three(three: Net) -> None:
+    a, b, c = (three.nodes[n] for n in NODES)
+    await b.submit(_write(0, 16384, 0x3c))  # the first 8 MiB
+    with open(c.lun.backend.path, "r+b") as f:  # behind the mirror's back
+        f.seek(5 * MiB + 512)
+        f.write(b"\xee" * 4096)
+    a.start_verify(repair=True)
+    assert a.verify_task is not None
+    await asyncio.wait_for(asyncio.shield(a.verify_task), 30)
+    st = a.verify_status()
+    assert st is not None and st["differing_regions"] == [5] and st["repaired_regions"] == 1
+    await _until(lambda: not any(m._applying for m in (a, b, c)))
+    assert _digest(a) == _digest(b) == _digest(c)
