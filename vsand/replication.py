@@ -127,7 +127,7 @@ class _Local:
         self.done = done
         self.result: Any = None
         self.error: OSError | None = None
-        self.retry = False  # its epoch ended before it completed: run it again in the next
+        self.retry = False  # its epoch ended before it completed: run it in the next one
 
 
 def _extent(req: BlockRequest, total_blocks: int) -> tuple[int, int]:
@@ -808,9 +808,11 @@ class MirroredLun:
         asked = self._asked.pop(peer, None)
         if asked is not None and not asked[1].done():
             asked[1].set_result(None)
-        for asked, fut in self._replies.values():
-            if asked == peer and not fut.done():
-                fut.set_result(errno.ENOTCONN)
+        for rid, (who, fut) in list(self._replies.items()):
+            if who == peer:
+                del self._replies[rid]
+                if not fut.done():
+                    fut.set_result(errno.ENOTCONN)
         if self._repair_from == peer and self._repair_end is not None:
             self._repair_end.set()
 
