@@ -315,7 +315,9 @@ class Cluster:
             if isinstance(m, ViewedLun):
                 mine = m.in_sync_peers()
                 followers = mine if followers is None else followers & mine
-        views.set_in_sync(set(view.members) | set(followers or ()))
+        if followers is None:  # no mirrored LUN: nothing to be in sync for
+            followers = frozenset(views.voters)
+        views.set_in_sync(set(view.members) | followers)
 
     def _lun_in_sync(self, peer: str) -> None:
         if self.quorum is not None and all(m.role is Role.IN_SYNC for m in self.luns.values()):
