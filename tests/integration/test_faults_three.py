@@ -115,8 +115,12 @@ class Fault:
     def sides(self) -> list[frozenset[str]]:
         if self.kind in ("cut-node", "one-way-node", "isolate", "kill", "pause"):
             return [frozenset({self.x}), frozenset(_others(self.x))]
-        if self.kind in ("cut-pair", "one-way"):
+        if self.kind == "cut-pair":
             return [frozenset({self.x}), frozenset({self.y})]
+        # One way between a pair keeps the old view working for some writes until a member
+        # is dropped: x's writes still complete through the source and y's acknowledgements
+        # to x (when neither is the source), and y serves them; nothing is "alone" there.
+        # Lost writes, stale reads and divergence are checked as for every fault.
         return []
 
     @property
