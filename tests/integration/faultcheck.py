@@ -1015,6 +1015,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@pytest.fixture(autouse=True)
+def sigterm_cleans_up() -> Iterator[None]:
+    """Every fault test under ``sigterm_as_interrupt`` (import it into the test module)."""
+    with sigterm_as_interrupt():
+        yield
+
+
+def report_fixture(title: str, env: str) -> Any:
+    """A module's ``report`` fixture: the scenarios run, their seeds and what they found, in
+    pytest's closing summary under ``title`` and in the file named by ``env`` if set."""
+    collected = Report()
+
+    @pytest.fixture(scope="module")
+    def report(request: pytest.FixtureRequest) -> Iterator[Report]:
+        yield collected
+        publish(request.config, title, collected, env)
+    return report
+
+
 def publish(config: pytest.Config, title: str, report: Report, env: str) -> None:
     """A module's scenarios, their seeds and what they found: in pytest's closing summary (the
     conftest prints ``config.vsand_reports``) and in the file named by ``env`` if set."""

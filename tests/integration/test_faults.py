@@ -68,7 +68,9 @@ from pathlib import Path
 import pytest
 
 import faultcheck
-from faultcheck import NOT_READY, Outcome, Report, Timing, _op, publish, sigterm_as_interrupt
+from faultcheck import (  # sigterm_cleans_up: an autouse fixture
+    NOT_READY, Outcome, Report, Timing, _op, sigterm_cleans_up,
+)
 from rig import wait_until
 
 NODES = ("a", "b")
@@ -252,21 +254,7 @@ def _replay(seed: int, networks: int) -> str:
             + (" VSAND_FAULT_SOAK=1" if SOAK else ""))
 
 
-_REPORT = Report()
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_cleans_up() -> Iterator[None]:
-    with sigterm_as_interrupt():
-        yield
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Iterator[Report]:
-    """The scenarios run, their seeds and what they found: in pytest's closing summary and in
-    ``VSAND_FAULT_REPORT`` if set."""
-    yield _REPORT
-    publish(request.config, "fault injection", _REPORT, "VSAND_FAULT_REPORT")
+report = faultcheck.report_fixture("fault injection", "VSAND_FAULT_REPORT")
 
 
 @pytest.fixture

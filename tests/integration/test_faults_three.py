@@ -58,7 +58,10 @@ from pathlib import Path
 import pytest
 
 import faultcheck
-from faultcheck import NOT_READY, Outcome, Report, Timing, _op, publish, sigterm_as_interrupt
+from faultcheck import (  # sigterm_cleans_up: an autouse fixture
+    NOT_READY, Outcome, Report, Timing, _op, sigterm_cleans_up,
+)
+from rig import wait_until
 
 NODES = ("a", "b", "w")
 SOURCE = "a"  # the lowest name: the source whenever it is in the view
@@ -262,21 +265,7 @@ class FaultRig(faultcheck.FaultRig):
         assert r.outcome.startswith(f"check {NOT_READY:x}/"), f"read through {node}: {_op(r)}"
 
 
-_REPORT = Report()
-
-
-@pytest.fixture(autouse=True)
-def _sigterm_cleans_up() -> Iterator[None]:
-    with sigterm_as_interrupt():
-        yield
-
-
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Iterator[Report]:
-    """The scenarios run, their seeds and what they found: in pytest's closing summary and in
-    ``VSAND_FAULT3_REPORT`` if set."""
-    yield _REPORT
-    publish(request.config, "three-node fault injection", _REPORT, "VSAND_FAULT3_REPORT")
+report = faultcheck.report_fixture("three-node fault injection", "VSAND_FAULT3_REPORT")
 
 
 class _Shared:
@@ -344,13 +333,6 @@ def _acked_writes(rig: FaultRig, path: str, t0: float, t1: float) -> int:
 
 
 # --------------------------------------------------------------------- deterministic
-def wait_until_true(cond: Callable[[], bool], what: str, deadline: float) -> None:
-    """``cond`` polled until true, by monotonic ``deadline``."""
-    while not cond():
-        assert time.monotonic() < deadline, f"not by the deadline: {what}"
-        time.sleep(0.1)
-
-
 def test_source_killed_while_the_others_write(shared: _Shared, report: Report) -> None:
     """SIGKILL the source a while the checker writes through all three: b and w decide a view
     of the two within the takeover time, their writes go on, b orders them; a returns by a
@@ -361,7 +343,8 @@ def test_source_killed_while_the_others_write(shared: _Shared, report: Report) -
         rig.wait_view({"b", "w"}, t0 + TAKEOVER_S)
         marks.append(time.monotonic())
         want = {"b": ["degraded"], "w": ["degraded"]}
-        wait_until_true(lambda: rig.cluster.roles() == want, f"roles {want}", t0 + TAKEOVER_S)
+        wait_until(lambda: rig.cluster.roles() == want, f"roles {want}",
+                   t0 + TAKEOVER_S - time.monotonic())
         (state,) = rig.cluster.lun_states("w")
         assert state["source"] == "b", state
         rig.hold(1.5, "b and w serve", lambda: rig.serving() == {"b", "w"})
@@ -395,8 +378,8 @@ def test_isolated_node_is_left_out(shared: _Shared, report: Report) -> None:
     admin socket still answers)."""
     def during(rig: FaultRig, t0: float) -> None:
         rig.wait_view({"a", "b"}, t0 + TAKEOVER_S)
-        wait_until_true(lambda: not rig.quorum("w")["serving"], "w stops serving",
-                        t0 + TAKEOVER_S)
+        wait_until(lambda: not rig.quorum("w")["serving"], "w stops serving",
+                   t0 + TAKEOVER_S - time.monotonic())
         rig.hold(1.5, "a and b serve, w not",
                  lambda: rig.serving() == {"a", "b"} and not rig.quorum("w")["serving"])
         assert rig.alua("w") in OUTSIDE_VIEW_STATES, rig.alua("w")

@@ -208,13 +208,6 @@ def test_writes_through_a_node_that_is_not_serving_are_refused(tmp_path: Path) -
         node.stop()
 
 
-def _vsanctl(c: VsandCluster, node: str, *args: str) -> subprocess.CompletedProcess[str]:
-    import sys
-    return subprocess.run([sys.executable, "-m", "vsand.ctl", "-s",
-                           str(c.nodes[node].workdir / "admin.sock"), *args],
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) -> None:
     with _cluster(tmp_path) as c:
         c.wait_in_sync()
@@ -223,17 +216,17 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
             qemu_io_argv(c.url("b"), [f"aio_write -P {i % 200} {(i * 7919 % 8000) * 8192} 8k"
                                       for i in range(4000)] + ["aio_flush"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        out = _vsanctl(c, "a", "verify", serial, "--wait")
+        out = c.vsanctl("a", "verify", serial, "--wait")
         assert busy.wait(120) == 0
         assert out.returncode == 0 and "64 regions compared, 0 skipped, 0 differ" in out.stdout, \
             out.stdout + out.stderr
-        table = _vsanctl(c, "a", "cluster").stdout
+        table = c.vsanctl("a", "cluster").stdout
         assert "in-sync" in table and "verify done: 64/64 regions, 0 differ" in table, table
         # One block of b's file changed behind the mirror's back: region 9 differs.
         with open(c.backing_path("b"), "r+b") as f:
             f.seek(9 * MiB + 4096)
             f.write(b"\xee" * 512)
-        out = _vsanctl(c, "b", "verify", serial, "--wait")
+        out = c.vsanctl("b", "verify", serial, "--wait")
         assert out.returncode == 3 and "1 differ (regions [9])" in out.stdout, \
             out.stdout + out.stderr
         # The operator trusts a: a repair from a, while b's initiator writes (other regions
@@ -242,13 +235,13 @@ def test_online_verify_while_writing_then_a_corrupted_replica(tmp_path: Path) ->
             qemu_io_argv(c.url("b"), [f"aio_write -P {i % 200} {(i * 7919 % 8000) * 8192} 8k"
                                       for i in range(3000)] + ["aio_flush"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        out = _vsanctl(c, "a", "verify", serial, "--wait", "--repair")
+        out = c.vsanctl("a", "verify", serial, "--wait", "--repair")
         assert busy.wait(120) == 0, busy.stderr
         assert out.returncode == 0 and "1 differ (regions [9]), 1 repaired from this node" \
             in out.stdout, out.stdout + out.stderr
-        table = _vsanctl(c, "a", "cluster").stdout
+        table = c.vsanctl("a", "cluster").stdout
         assert "verify done: 64/64 regions, 1 differ, 1 repaired" in table, table
-        out = _vsanctl(c, "b", "verify", serial, "--wait")
+        out = c.vsanctl("b", "verify", serial, "--wait")
         assert out.returncode == 0 and "0 differ" in out.stdout, out.stdout + out.stderr
     _identical(c)
     # Every write acknowledged during the repair is there: the last pattern at each offset.
@@ -268,7 +261,7 @@ def test_configuration_drift_between_nodes_is_flagged(tmp_path: Path) -> None:
         assert a["peers"]["b"]["drift"] == ["config"] and b["peers"]["a"]["drift"] == ["config"]
         assert a["peers"]["b"]["version"] == a["version"]
         assert _metrics(c.metrics_ports["a"])['vsand_peer_drift{peer="b",what="config"}'] == 1
-        assert "config" in _vsanctl(c, "a", "cluster").stdout.split("DRIFT")[1]
+        assert "config" in c.vsanctl("a", "cluster").stdout.split("DRIFT")[1]
     # Node-specific settings (paths, portals, metrics) are not drift.
     c2 = _cluster(tmp_path / "same")
     with c2:

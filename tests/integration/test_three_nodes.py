@@ -7,7 +7,6 @@ from __future__ import annotations
 import filecmp
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,13 @@ def _identical(cluster: VsandCluster) -> None:
 def _cluster(tmp_path: Path, **kw: object) -> VsandCluster:
     return VsandCluster(tmp_path, names=NODES, luns=(LUN,), peer_timeout=2.0,
                         heartbeat_interval=0.25, **kw)  # type: ignore[arg-type]
+
+
+def _busy(url: str, pattern: int, count: int) -> subprocess.Popen[str]:
+    """``count`` 64 KiB writes of ``pattern`` from the LUN's start, one after another."""
+    return subprocess.Popen(
+        qemu_io_argv(url, [f"write -P {pattern:#x} {i * 65536} 65536" for i in range(count)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _view(c: VsandCluster, node: str) -> list[str]:
@@ -57,9 +63,7 @@ def test_a_killed_node_is_left_out_and_resynced_when_it_returns(tmp_path: Path) 
     with _cluster(tmp_path) as c:
         c.wait_in_sync()
         check_qemu_io(c.url("a"), ["write -P 0x11 0 4M"])
-        busy = subprocess.Popen(
-            qemu_io_argv(c.url("a"), [f"write -P 0x22 {i * 65536} 65536" for i in range(256)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        busy = _busy(c.url("a"), 0x22, 256)
         time.sleep(0.1)
         c.nodes["c"].kill()
         out, err = busy.communicate(timeout=60)
@@ -94,9 +98,7 @@ def test_the_source_killed_while_another_node_writes(tmp_path: Path) -> None:
     b and c decide a view without it, b's writes finish, and a returns by a resync."""
     with _cluster(tmp_path) as c:
         c.wait_in_sync()
-        busy = subprocess.Popen(
-            qemu_io_argv(c.url("b"), [f"write -P 0x44 {i * 65536} 65536" for i in range(256)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        busy = _busy(c.url("b"), 0x44, 256)
         time.sleep(0.1)
         c.nodes["a"].kill()
         out, err = busy.communicate(timeout=60)
@@ -113,9 +115,7 @@ def test_the_whole_cluster_killed_resumes_without_a_full_resync(tmp_path: Path) 
     with _cluster(tmp_path) as c:
         c.wait_in_sync()
         check_qemu_io(c.url("b"), ["write -P 0x66 0 8M"])
-        busy = subprocess.Popen(
-            qemu_io_argv(c.url("c"), [f"write -P 0x77 {i * 65536} 65536" for i in range(512)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        busy = _busy(c.url("c"), 0x77, 512)
         time.sleep(0.2)
         for n in NODES:
             c.nodes[n].kill()
@@ -140,10 +140,7 @@ def test_vsanctl_drill_on_three_nodes(tmp_path: Path) -> None:
     with _cluster(tmp_path) as c:
         c.wait_in_sync()
         serial = c.admin("a", "luns")[0]["serial"]
-        out = subprocess.run([sys.executable, "-m", "vsand.ctl", "-s",
-                              str(c.nodes["a"].workdir / "admin.sock"), "--json", "drill",
-                              serial, "--seconds", "4", "--yes"],
-                             capture_output=True, text=True, timeout=300)
+        out = c.vsanctl("a", "--json", "drill", serial, "--seconds", "4", "--yes")
         assert out.returncode == 0, out.stdout + out.stderr
         r = json.loads(out.stdout)
         print({k: r[k] for k in ("peer", "stall_s", "writes_acknowledged", "lost_writes")})

@@ -153,6 +153,13 @@ class VsandCluster:
             raise RuntimeError(reply.get("error"))
         return reply["result"]
 
+    def vsanctl(self, name: str, *args: str,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """``vsanctl`` on node ``name`` (its admin socket), output captured."""
+        return subprocess.run([sys.executable, "-m", "vsand.ctl", "-s",
+                               str(self.nodes[name].workdir / "admin.sock"), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
     def lun_states(self, name: str) -> list[dict[str, Any]]:
         return list(self.admin(name, "cluster")["luns"].values())
 
